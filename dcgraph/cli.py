@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "as plain ops (same weights) and with BatchNorm; check that fused and plain "
                     "agree; time a training step of each and count the bytes autograd saves.")
     demo.add_argument("--batch", type=_positive, default=8, help="batch size (default 8)")
-    demo.add_argument("--size", type=_positive, default=32,
-                      help="input height and width (default 32)")
+    demo.add_argument("--size", type=_positive, default=64,
+                      help="input height and width (default 64)")
     demo.add_argument("--repeats", type=_positive, default=10,
                       help="timed steps per variant (default 10)")
     demo.add_argument("--threads", type=_positive, default=2,

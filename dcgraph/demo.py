@@ -51,27 +51,36 @@ def build_variants(seed: int = 0, **net_kwargs) -> dict[str, torch.nn.Module]:
     return nets
 
 
+def _loss(out: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against fixed labels: gradients of a realistic size."""
+    labels = torch.arange(out.shape[0]) % out.shape[1]
+    return torch.nn.functional.cross_entropy(out, labels)
+
+
 def check_agreement(fused: torch.nn.Module, plain: torch.nn.Module, x: torch.Tensor,
-                    rtol: float = 1e-4, atol: float = 1e-5) -> float:
-    """Max abs difference of outputs and gradients; raises if they disagree beyond tolerance."""
-    worst = 0.0
-    outs = []
+                    rtol: float = 1e-4) -> float:
+    """Worst relative difference (max |diff| / max |plain|) over the output and every
+    gradient; raises if it exceeds ``rtol``."""
+    results = []
     for net in (fused, plain):
         net.zero_grad(set_to_none=True)
         out = net(x)
-        out.square().mean().backward()
-        outs.append((out.detach(), {n: p.grad for n, p in net.named_parameters()}))
-    (o1, g1), (o2, _) = outs
-    torch.testing.assert_close(o1, o2, rtol=rtol, atol=atol)
-    worst = (o1 - o2).abs().max().item()
-    for n, p in plain.named_parameters():
-        key = _plain_name(n)
-        torch.testing.assert_close(g1[key], p.grad, rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
-        worst = max(worst, (g1[key] - p.grad).abs().max().item())
+        _loss(out).backward()
+        results.append((out.detach(), {n: p.grad for n, p in net.named_parameters()}))
+    (out_f, grads_f), (out_p, grads_p) = results
+    pairs = [("output", out_f, out_p)]
+    pairs += [(n, grads_f[_plain_name(n)], g) for n, g in grads_p.items()]
+    worst = 0.0
+    for name, ours, ref in pairs:
+        rel = ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+        if rel > rtol:
+            raise AssertionError(f"fused and plain-ops Deep Control disagree on {name}: "
+                                 f"relative difference {rel:.2e} > {rtol:.0e}")
+        worst = max(worst, rel)
     return worst
 
 
-def run(batch: int = 8, size: int = 32, repeats: int = 10, threads: int = 2,
+def run(batch: int = 8, size: int = 64, repeats: int = 10, threads: int = 2,
         seed: int = 0, progress: bool = True) -> tuple[list[VariantResult], float]:
     """Time and measure a training step of each variant; returns results and the agreement."""
     torch.set_num_threads(threads)
@@ -81,7 +90,7 @@ def run(batch: int = 8, size: int = 32, repeats: int = 10, threads: int = 2,
 
     def step(net: torch.nn.Module) -> None:
         net.zero_grad(set_to_none=True)
-        net(x).square().mean().backward()
+        _loss(net(x)).backward()
 
     times: dict[str, list[float]] = {name: [] for name in nets}
     for net in nets.values():  # warm-up
@@ -106,7 +115,8 @@ def report(results: list[VariantResult], agreement: float, batch: int, size: int
     lines = [
         f"DCNet (6 conv blocks), input {batch}x3x{size}x{size}, "
         f"{torch.get_num_threads()} threads, one training step (forward + backward)",
-        f"fused vs plain ops: outputs and all gradients agree (max abs diff {agreement:.2e})",
+        f"fused vs plain ops: outputs and all gradients agree (worst relative difference "
+        f"{agreement:.1e})",
         "",
         f"{'variant':<28}{'step ms':>10}{'saved MiB':>12}{'vs fused (time)':>18}{'vs fused (mem)':>17}",
     ]

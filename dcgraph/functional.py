@@ -88,6 +88,26 @@ def explicit_padding(
     return F.pad(x, flat, mode=mode), (0,) * nd
 
 
+def _plain_eager_inference(*tensors: torch.Tensor | None) -> bool:
+    """True when nothing can observe the call: real tensors, no autograd, no tracer or mode.
+
+    Then the fused op's implementation runs directly, skipping the custom-op dispatch
+    (about 0.1 ms a call here, 5% of a batch-1 ResNet-18 conv). Any tracer (torch.export,
+    torch.compile, fx, make_fx, jit) or any input needing a gradient goes through the op.
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or (grad and t.requires_grad):
+            return False
+    return True
+
+
 def conv_deep_control(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     a: torch.Tensor, g: torch.Tensor, b: torch.Tensor,
@@ -102,6 +122,7 @@ def conv_deep_control(
     stride_t = _ntuple(stride, nd, "stride")
     dilation_t = _ntuple(dilation, nd, "dilation")
     x, pad = explicit_padding(x, weight.shape[2:], stride_t, padding, dilation_t, padding_mode)
-    return ops.conv_deep_control_op(
-        x, weight, bias, a, g, b, list(stride_t), list(pad), list(dilation_t), groups,
-        activations.check(act), float(negative_slope))
+    eager = _plain_eager_inference(x, weight, bias, a, g, b)
+    run = ops.forward_reduced if eager else ops.conv_deep_control_op
+    return run(x, weight, bias, a, g, b, list(stride_t), list(pad), list(dilation_t), groups,
+               activations.check(act), float(negative_slope))

@@ -111,6 +111,13 @@ def _(x, weight, bias, a, g, b, stride, padding, dilation, groups, act, negative
     return x.new_empty((x.shape[0], weight.shape[0], *out_size))
 
 
+def _channel_dot(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``sum over n and S of p * q`` per channel, as batched dot products (no full-size temporary:
+    fresh full-size buffers page-fault, which costs more than the arithmetic here)."""
+    n, c = p.shape[:2]
+    return torch.einsum("ncs,ncs->nc", p.reshape(n, c, -1), q.reshape(n, c, -1)).sum(0)
+
+
 def _tiny_gain(g: torch.Tensor, b: torch.Tensor) -> bool:
     """True if ``(z - b) / g`` would lose more than about half the mantissa for some channel."""
     tol = torch.finfo(g.dtype).eps ** 0.5
@@ -143,7 +150,7 @@ def conv_deep_control_backward_op(
         sum_dz = dz.sum(dim=spatial)  # (N, C)
         db = sum_dz.sum(0)
         # dg = sum dz * (z - b) / g = (sum dz * z - b * db) / g
-        dg = ((p * out).sum(dim=(0, *spatial)) - b * db) / g if need_dg else empty.clone()
+        dg = (_channel_dot(p, out) - b * db) / g if need_dg else empty.clone()
     else:  # recompute the raw conv output from the saved input: one extra convolution
         y = _CONV[nd](x, weight, bias, stride, padding, dilation, groups)
         m = y.mean(dim=spatial)
@@ -152,7 +159,7 @@ def conv_deep_control_backward_op(
             grad, _view(g, nd) * u + _view(b, nd), act, negative_slope)
         sum_dz = dz.sum(dim=spatial)
         db = sum_dz.sum(0)
-        dg = (dz * u).sum(dim=(0, *spatial)) if need_dg else empty.clone()
+        dg = _channel_dot(dz, u) if need_dg else empty.clone()
     if not need_db:
         db = empty.clone()
     if need_da:
@@ -165,7 +172,8 @@ def conv_deep_control_backward_op(
         da = empty.clone()
     dx = dw = dc0 = None
     if need_dx or need_dw or (need_dc0 and bias is not None):
-        dy = dz * _view(g, nd)
+        # dy = g * dz - (a * g / |S|) * sum_s dz, in dz's own memory when dz is ours
+        dy = dz.mul_(_view(g, nd)) if dz is not grad else dz * _view(g, nd)
         dy.sub_(_view((a * g / count) * sum_dz, nd))
         bias_sizes = [weight.shape[0]] if bias is not None else None
         dx, dw, dc0 = torch.ops.aten.convolution_backward(

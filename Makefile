@@ -1,0 +1,43 @@
+# dcgraph's two commands (see README):  make run  |  make test
+# Each sets up .venv on first use (a minute or so) and reuses it while pyproject.toml and
+# this file are unchanged.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test test-slow lint bench bench-quick setup clean
+
+run: $(STAMP)                  ## the main job on the built-in model
+	$(BIN)/dcgraph demo
+
+test: $(STAMP)                 ## lint and the test suite (slow tests excluded)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP)            ## the long tests only
+	$(BIN)/python -m pytest -m slow
+
+bench: $(STAMP)                ## benchmarks, results in benchmarks/results/
+	$(BIN)/python benchmarks/op_speed.py
+	$(BIN)/python benchmarks/saved_memory.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/op_speed.py --quick
+	$(BIN)/python benchmarks/saved_memory.py --quick
+
+setup: $(STAMP)
+
+# torch 2.13.0 first, by exact version: it is the CPU build on this machine's local disk;
+# a loose "torch" would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "dcgraph needs Python >= 3.11"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,onnx,tvm]"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

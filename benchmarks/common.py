@@ -1,0 +1,68 @@
+"""Shared benchmark plumbing: interleaved timing, machine info, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3,
+                     ) -> dict[str, dict[str, float]]:
+    """Median, inter-quartile range and minimum (ms) of each function, run round-robin so
+    that machine drift (other tenants on these shared cores) hits every variant alike.
+
+    The median is what a user sees; the minimum is the least noisy estimate of the work
+    itself, so ratios are reported on both."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(1e3 * (time.perf_counter() - t0))
+    out = {}
+    for name, s in samples.items():
+        q = statistics.quantiles(s, n=4) if len(s) >= 4 else [min(s), 0, max(s)]
+        out[name] = {"median_ms": statistics.median(s), "iqr_ms": q[2] - q[0], "min_ms": min(s)}
+    return out
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def write_results(stem: str, data: dict, markdown: str) -> tuple[Path, Path]:
+    """Write ``results/<stem>.json`` and ``results/<stem>.md`` atomically."""
+    RESULTS.mkdir(exist_ok=True)
+    paths = (RESULTS / f"{stem}.json", RESULTS / f"{stem}.md")
+    for path, text in zip(paths, (json.dumps(data, indent=2), markdown), strict=True):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(path)
+    return paths
+
+
+def geomean(values: list[float]) -> float:
+    return statistics.geometric_mean(values) if values else float("nan")

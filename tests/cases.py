@@ -1,0 +1,82 @@
+"""Shared conv configurations: every implementation (custom op, modules, passes, ONNX, each
+TVM target) is tested against :mod:`dcgraph.reference` on these same cases.
+
+Each case is small enough for gradcheck and emulated-ARM runs; together they cover stride,
+padding, dilation, groups (incl. depthwise), 1x1 and large kernels, odd and tiny maps,
+batch 1, conv bias, and 1-d / 3-d convolutions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dcgraph.reference import ACTIVATIONS
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    name: str
+    batch: int
+    in_channels: int
+    out_channels: int
+    size: tuple[int, ...]  # input spatial size
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...] = field(default=None)  # type: ignore[assignment]
+    padding: tuple[int, ...] = field(default=None)  # type: ignore[assignment]
+    dilation: tuple[int, ...] = field(default=None)  # type: ignore[assignment]
+    groups: int = 1
+    bias: bool = False
+    act: str = "relu"
+
+    def __post_init__(self) -> None:
+        nd = len(self.size)
+        for name, default in (("stride", 1), ("padding", 0), ("dilation", 1)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, (default,) * nd)
+
+    def tensors(self, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Input, conv weight (and bias), and a, g, b away from their trivial values."""
+        gen = torch.Generator().manual_seed(seed)
+
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=gen, dtype=dtype)
+
+        c = self.out_channels
+        return {
+            "x": rand(self.batch, self.in_channels, *self.size),
+            "weight": rand(c, self.in_channels // self.groups, *self.kernel) * 0.5,
+            "bias": rand(c) if self.bias else None,
+            "a": 0.5 + torch.rand(c, generator=gen, dtype=dtype),  # 0.5 .. 1.5
+            "g": 0.5 + torch.rand(c, generator=gen, dtype=dtype),
+            "b": rand(c) * 0.5,
+        }
+
+    def conv_kwargs(self) -> dict:
+        return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation,
+                "groups": self.groups}
+
+
+CASES = [
+    ConvCase("basic3x3", 2, 4, 6, (8, 8), (3, 3), padding=(1, 1)),
+    ConvCase("batch1", 1, 3, 5, (7, 9), (3, 3), padding=(1, 1), bias=True),
+    ConvCase("stride2", 2, 4, 4, (9, 9), (3, 3), stride=(2, 2), padding=(1, 1)),
+    ConvCase("stride3_pad2", 2, 3, 4, (11, 10), (5, 5), stride=(3, 3), padding=(2, 2)),
+    ConvCase("dilation2", 2, 4, 4, (10, 9), (3, 3), padding=(2, 2), dilation=(2, 2)),
+    ConvCase("groups2", 2, 4, 6, (7, 7), (3, 3), padding=(1, 1), groups=2, act="relu6"),
+    ConvCase("depthwise", 2, 6, 6, (9, 7), (3, 3), stride=(2, 2), padding=(1, 1), groups=6,
+             act="relu6"),
+    ConvCase("pointwise", 3, 8, 5, (5, 6), (1, 1), act="identity"),
+    ConvCase("kernel7", 1, 3, 4, (13, 12), (7, 7), stride=(2, 2), padding=(3, 3), bias=True),
+    ConvCase("odd_tiny", 2, 3, 3, (3, 2), (3, 1), padding=(1, 0), act="silu"),
+    ConvCase("one_pixel_out", 2, 2, 3, (3, 3), (3, 3), act="hardswish"),
+    ConvCase("asym", 2, 2, 3, (8, 6), (3, 1), stride=(2, 1), padding=(0, 1), dilation=(1, 2),
+             act="leaky_relu"),
+    ConvCase("conv1d", 2, 3, 4, (11,), (3,), stride=(2,), padding=(1,), bias=True),
+    ConvCase("conv3d", 1, 2, 3, (4, 5, 5), (3, 3, 3), padding=(1, 1, 1), act="silu"),
+]
+
+CASE_IDS = [c.name for c in CASES]
+
+__all__ = ["ACTIVATIONS", "CASES", "CASE_IDS", "ConvCase"]
