@@ -21,6 +21,20 @@ from torch import nn
 
 from dcgraph import activations
 from dcgraph import functional as DF
+from dcgraph.functional import conv_deep_control, deep_control
+
+# torch.fx records these as single call_function nodes instead of tracing into their
+# shape checks, so models built from these modules trace with symbolic_trace.
+torch.fx.wrap("conv_deep_control")
+torch.fx.wrap("deep_control")
+
+
+def _check_rank(module: nn.Module, t: torch.Tensor, spatial_dims: int) -> None:
+    if isinstance(t, torch.fx.Proxy):
+        return
+    if t.dim() != spatial_dims + 2:
+        raise ValueError(f"{type(module).__name__} expects a {spatial_dims + 2}-d input "
+                         f"(N, C, *spatial), got shape {tuple(t.shape)}")
 
 
 def _gain_params(
@@ -51,12 +65,10 @@ class _DeepControlNd(nn.Module):
                      {"device": device, "dtype": dtype})
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        if y.dim() != self.spatial_dims + 2:
-            raise ValueError(f"{type(self).__name__} expects a {self.spatial_dims + 2}-d input "
-                             f"(N, C, *spatial), got shape {tuple(y.shape)}")
-        if y.shape[1] != self.num_features:
+        _check_rank(self, y, self.spatial_dims)
+        if not isinstance(y, torch.fx.Proxy) and y.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}) got {y.shape[1]} channels")
-        return DF.deep_control(y, self.a, self.g, self.b, self.act, self.negative_slope)
+        return deep_control(y, self.a, self.g, self.b, self.act, self.negative_slope)
 
     def extra_repr(self) -> str:
         frozen = [n for n in ("a", "g", "b") if not getattr(self, n).requires_grad]
@@ -132,10 +144,8 @@ class _DeepControlConvNd(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != self.spatial_dims + 2:
-            raise ValueError(f"{type(self).__name__} expects a {self.spatial_dims + 2}-d input "
-                             f"(N, C, *spatial), got shape {tuple(x.shape)}")
-        return DF.conv_deep_control(
+        _check_rank(self, x, self.spatial_dims)
+        return conv_deep_control(
             x, self.weight, self.bias, self.a, self.g, self.b, self.stride, self.padding,
             self.dilation, self.groups, self.act, self.negative_slope, self.padding_mode)
 

@@ -61,3 +61,30 @@ def test_torch_compile_forward_and_backward(tmp_path, monkeypatch):
     ref.square().sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_export_under_no_grad_still_records_the_op():
+    """The eager no-grad shortcut must never hide the op from a tracer."""
+    net = _net().eval()
+    with torch.no_grad():
+        ep = torch.export.export(net, (torch.randn(2, 3, 8, 8),))
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.dcgraph.conv_deep_control.default) == 3
+
+
+def test_eager_no_grad_matches_reference():
+    net = _net()
+    x = torch.randn(3, 3, 10, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), _reference(net, x), rtol=1e-4, atol=1e-4)
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), _reference(net, x), rtol=1e-4, atol=1e-4)
+
+
+def test_fx_symbolic_trace_keeps_one_node_per_module():
+    net = nn.Sequential(_net(), nn.Conv2d(4, 4, 1), dcgraph.DeepControl2d(4, act="relu"))
+    gm = torch.fx.symbolic_trace(net)
+    calls = [n.target.__name__ for n in gm.graph.nodes if n.op == "call_function"]
+    assert calls == ["conv_deep_control"] * 3 + ["deep_control"]
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(gm(x), net(x), rtol=0, atol=0)
