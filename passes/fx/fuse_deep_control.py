@@ -56,26 +56,27 @@ def _plain_form(gm, conv: ConvSpec):
         return None
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     region.sort(key=order.__getitem__)
-    reason = "no Deep Control form (a per-sample map mean) after the convolution"
+    reason = None  # why the furthest candidate failed: the most telling reason
     for exit_node in reversed(region):
         ev = Evaluator(gm, y, conv.out_channels, conv.nd)
         try:
             form = ev.node(exit_node)
         except NotAffine as e:
-            reason = str(e)
+            reason = reason or str(e)
             continue
         if not form.q.any():
             continue
         inside = {n for n in ev.cache if n in region} | {exit_node}
         leaks = [n for n in inside | {y} if n is not exit_node and any(u not in inside for u in n.users)]
         if leaks:
-            reason = f"{leaks[0].name} is also used outside the Deep Control subgraph"
+            reason = reason or f"{leaks[0].name} is also used outside the Deep Control subgraph"
             continue
         if not form.p.all():
             return Unsupported("the gain on the conv output is zero in some channel")
         g = form.p
         return ("plain_ops", exit_node, -form.q / g, g, form.r, "identity", 0.01, sorted(
             inside, key=order.__getitem__))
+    reason = reason or "no Deep Control form (a per-sample map mean) after the convolution"
     return Unsupported(reason) if any(op_key(n) in ("mean", torch.mean, torch.ops.aten.mean.dim)
                                       for n in region) else None
 
