@@ -34,7 +34,7 @@ def test_zoo_preserve_is_exact(name):
 
 
 def test_input_model_is_not_modified():
-    model, x = _model("resnet18")
+    model, _x = _model("resnet18")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     convert(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -141,7 +141,7 @@ def test_shared_norm_module_is_not_replaced_for_its_other_call():
 
 
 def test_idempotent():
-    model, x = _model("mobilenet_v2")
+    model, _x = _model("mobilenet_v2")
     once, _ = rewrite(model)
     twice, report = rewrite(once)
     assert not report.matches and not report.skips

@@ -1,5 +1,7 @@
 """The conv + Deep Control [+ act] -> fused op rule: module, functional and plain-op forms."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -67,7 +69,7 @@ def test_mean_used_elsewhere_is_not_fused():
             m = y.mean((2, 3), keepdim=True)
             return self.g * (y - self.a * m) + self.b, m
 
-    fused, report = fuse(Leak("g(y-am)+b"))
+    _fused, report = fuse(Leak("g(y-am)+b"))
     assert not report.matches
     assert "outside the Deep Control subgraph" in report.skips[0].reason
 
@@ -125,5 +127,5 @@ def test_fresh_rewrite_trains_at_batch_size_one():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
+    assert all(b < a for a, b in itertools.pairwise(losses)), losses
     assert losses[-1] < 0.8 * losses[0], losses
