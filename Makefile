@@ -37,6 +37,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,onnx,tvm]"
+	# model definitions written by others, for the passes' real-architecture tests; pure torch
+	# (their metadata asks for torchvision, which no model file used here imports)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps \
+		pytorchcv==0.0.74 geffnet==1.0.2 efficientnet-pytorch==0.7.1
 	touch $(STAMP)
 
 clean:

@@ -1,9 +1,13 @@
-"""The main job, for now: a built-in Deep Control network forward and backward, three ways.
+"""The main job (``make run``): rewrite a built-in model, then train with Deep Control.
 
-The same network (:class:`dcgraph.zoo.DCNet`) is built with fused Deep Control blocks, with
-Deep Control as plain ops (same weights), and with BatchNorm. The demo checks that fused
-and plain agree (outputs and every gradient), then times a training step of each (median
-of interleaved repeats) and counts the bytes autograd saves.
+1. *Rewrite*: the built-in ResNet-18-like BatchNorm model (ResNet-18's widths) is exported,
+   its 20 conv + BN (+ relu) blocks converted to Deep Control (``preserve`` init, exact) and fused into the
+   ``dcgraph::conv_deep_control`` op; the result is checked against the original in float64
+   and float32, and both are timed at inference.
+2. *Train*: the same network (:class:`dcgraph.zoo.DCNet`) is built with fused Deep Control
+   blocks, with Deep Control as plain ops (same weights), and with BatchNorm. Fused and plain
+   must agree (outputs and every gradient); a training step of each is timed (median of
+   interleaved repeats) and the bytes autograd saves are counted.
 """
 
 from __future__ import annotations
@@ -108,13 +112,48 @@ def run(batch: int = 8, size: int = 64, repeats: int = 10, threads: int = 2,
     return results, agreement
 
 
+def rewrite_section(batch: int = 8, repeats: int = 10, seed: int = 0, width: int = 64,
+                    size: int = 112) -> str:
+    """Convert + fuse the ResNet-18-like model, verify, time inference; a text report."""
+    from dcgraph.passes.pipeline import convert_model
+
+    model = zoo.randomize_norm_stats(zoo.resnet18_like(width=width)).eval()
+    shape = (1, 3, size, size)
+    example = torch.randn(1, *shape[1:], generator=torch.Generator().manual_seed(seed))
+    result = convert_model(model, example)
+    rewritten = result.program.module()
+    x = torch.randn(batch, *shape[1:], generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        times = {"BatchNorm (original)": [], "Deep Control, fused (rewritten)": []}
+        fns = dict(zip(times, (model, rewritten), strict=True))
+        for fn in fns.values():
+            fn(x)
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn(x)
+                times[name].append(1e3 * (time.perf_counter() - t0))
+    lines = [
+        f"== Rewrite: ResNet-18-like (BatchNorm, widths {width}..{8 * width}), input "
+        f"{shape[1]}x{shape[2]}x{shape[3]} ==",
+        result.report.summary(),
+        f"verified against the original: relative error {result.float64_error:.1e} (float64), "
+        f"{result.float32_error:.1e} (float32)",
+        f"inference, batch {batch}, median of {repeats}:",
+    ]
+    base = statistics.median(times["BatchNorm (original)"])
+    for name, ts in times.items():
+        lines.append(f"  {name:<34}{statistics.median(ts):8.2f} ms  {statistics.median(ts) / base:5.2f}x")
+    return "\n".join(lines)
+
+
 def report(results: list[VariantResult], agreement: float, batch: int, size: int) -> str:
     """A plain-text table with ratios against the fused variant."""
     by = {r.name: r for r in results}
     fused = by["fused"]
     lines = [
-        f"DCNet (6 conv blocks), input {batch}x3x{size}x{size}, "
-        f"{torch.get_num_threads()} threads, one training step (forward + backward)",
+        f"== Train: DCNet (6 conv blocks), input {batch}x3x{size}x{size}, "
+        f"{torch.get_num_threads()} threads, one training step (forward + backward) ==",
         f"fused vs plain ops: outputs and all gradients agree (worst relative difference "
         f"{agreement:.1e})",
         "",

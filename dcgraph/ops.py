@@ -87,8 +87,11 @@ def forward_reduced(
     """``act(y * g + o[n, c])``, ``o = b - g * a * m``, ``m`` the mean of ``y = conv(x) + c0``."""
     nd = _check_args(x, weight, act)
     y = _CONV[nd](x, weight, bias, stride, padding, dilation, groups)
-    m = y.mean(dim=tuple(range(2, y.dim())))
-    out = y.mul_(_view(g, nd)).add_(_view(b - g * a * m, nd))
+    if a.any():
+        o = b - g * a * y.mean(dim=tuple(range(2, y.dim())))
+    else:  # a = 0 (BatchNorm converted with "preserve"): an affine epilogue, no mean pass
+        o = b.expand(y.shape[0], -1)
+    out = y.mul_(_view(g, nd)).add_(_view(o, nd))
     return activations.apply_(out, act, negative_slope)
 
 

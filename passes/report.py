@@ -56,6 +56,18 @@ class RewriteReport:
                 "skips": [asdict(s) for s in self.skips], "counts": self.counts,
                 "exact": self.exact}
 
+    def summary(self) -> str:
+        """Counts and skips, without the list of matches."""
+        full = str(self).splitlines()
+        head = [ln for ln in full if not ln.startswith("matches:")]
+        out, skipping = [], False
+        for ln in head:
+            if ln == "skipped:":
+                skipping = True
+            if skipping or not ln.startswith("  conv+"):
+                out.append(ln)
+        return "\n".join(out)
+
     def __str__(self) -> str:
         lines = [f"{len(self.matches)} rewrites, {len(self.skips)} skipped"]
         for rule, n in sorted(self.counts.items()):

@@ -33,3 +33,48 @@ def test_bad_argument_is_a_usage_error_not_a_traceback():
     res = _run("demo", "--batch", "0")
     assert res.returncode == 2
     assert "positive integer" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_convert_writes_a_loadable_archive(tmp_path):
+    import torch
+
+    out = tmp_path / "mnv2.pt2"
+    report = tmp_path / "report.json"
+    res = _run("convert", "mobilenet_v2", "-o", str(out), "--json", str(report))
+    assert res.returncode == 0, res.stderr
+    assert "16 x conv+batchnorm->deep_control" in res.stdout
+    assert "verified: rewritten vs original" in res.stdout
+    program = torch.export.load(out)
+    ops = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.dcgraph.conv_deep_control.default) == 16
+    assert program.module()(torch.randn(3, 3, 64, 64)).shape == (3, 10)  # dynamic batch
+    import json
+
+    assert json.loads(report.read_text())["counts"]["conv+deep_control->fused"] == 16
+    assert not list(tmp_path.glob(".dcgraph-*"))  # no temporary left behind
+
+
+def test_convert_reports_skips_and_approximations():
+    res = _run("convert", "two_users")
+    assert res.returncode == 0, res.stderr
+    assert "2 users" in res.stdout and "does not follow a convolution" in res.stdout
+    res = _run("convert", "vgg", "--init", "fresh", "--no-fuse")
+    assert res.returncode == 0, res.stderr
+    assert "APPROXIMATE" in res.stdout and "fused" not in res.stdout.split("matches:")[0]
+
+
+def test_convert_external_factory_and_errors(tmp_path, capsys):
+    assert cli.main(["convert", "dcgraph.zoo:vgg_like", "--input-shape", "1,3,32,32",
+                     "--static-batch"]) == 0
+    assert "6 x conv+batchnorm->deep_control" in capsys.readouterr().out
+    for args, message in [
+        (["nope"], "unknown model"),
+        (["os:getcwd"], "not a torch.nn.Module"),
+        (["no_such_pkg:f"], "cannot import"),
+        (["resnet18", "--input-shape", "1,3"], "bad input shape"),
+        (["resnet18", "-o", str(tmp_path / "x.onnx")], "end in .pt2"),
+    ]:
+        assert cli.main(["convert", *args]) == 1, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "x.onnx").exists()

@@ -10,6 +10,7 @@ exported program, with ``torch.ops.dcgraph.conv_deep_control`` nodes in it.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -34,7 +35,9 @@ def rewrite_exported(
     old one on the example inputs (exact rewrites only).
     """
     report = RewriteReport()
-    gm = copy.deepcopy(ep.module())
+    with warnings.catch_warnings():  # torch's own deprecation noise when copying its pytrees
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        gm = copy.deepcopy(ep.module())
     if convert_norms_too:
         convert_norms(gm, report, init, learn_a)
     if fuse_blocks:

@@ -15,7 +15,7 @@ from ..report import RewriteReport
 from ..verify import verify
 from .convert_norm import INITS, ApproximateConversionWarning, convert_norms
 from .fuse_deep_control import fuse_deep_control
-from .graph import finish, trace
+from .graph import TraceFailure, finish, trace
 
 
 def convert(model: nn.Module, init: str = "preserve", *, learn_a: bool = True,
@@ -53,4 +53,4 @@ def rewrite(model: nn.Module, init: str = "preserve", *, fuse_blocks: bool = Tru
     return result, report
 
 
-__all__ = ["INITS", "ApproximateConversionWarning", "convert", "fuse", "rewrite", "trace"]
+__all__ = ["INITS", "ApproximateConversionWarning", "TraceFailure", "convert", "fuse", "rewrite", "trace"]

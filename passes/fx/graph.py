@@ -19,12 +19,23 @@ class Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
+class TraceFailure(ValueError):
+    """torch.fx could not trace the model (data-dependent control flow, TorchScript calls...)."""
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """A traced copy of ``model`` (the input is never modified); GraphModules are copied."""
     if isinstance(model, fx.GraphModule):
         return copy.deepcopy(model)
     model = copy.deepcopy(model)
-    graph = Tracer().trace(model)
+    try:
+        graph = Tracer().trace(model)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TraceFailure(
+            f"torch.fx cannot trace {type(model).__name__}: {first}. Rewrite its torch.export "
+            "program instead: dcgraph.passes.export.rewrite_exported(torch.export.export(model, "
+            "inputs)), which is what `dcgraph convert` does.") from e
     return fx.GraphModule(model, graph, type(model).__name__)
 
 
