@@ -1,0 +1,73 @@
+"""ONNX passes (onnxscript rewriter rules): norm -> Deep Control conversion and conv + Deep
+Control fusion, producing ``ai.dcgraph`` nodes backed by model-local functions.
+
+:func:`rewrite_onnx` runs constant folding (no BatchNorm folding), the conversion rules,
+the fusion rules, removes what became unused, attaches the ``ai.dcgraph`` functions, and
+reports what matched and why anything was left alone.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnxscript.optimizer
+from onnx_ir.passes import common as common_passes
+from onnxscript import ir
+from onnxscript.rewriter import RewriteRuleSet
+
+from dcgraph import onnx_ops
+
+from ..report import RewriteReport
+from . import convert_norm, fuse_deep_control
+from .common import Recorder
+
+_NORM_OPS = {"BatchNormalization": "batchnorm", "InstanceNormalization": "instancenorm",
+             "GroupNormalization": "groupnorm"}
+
+
+def _leftovers(model: ir.Model, rec: Recorder) -> None:
+    """Report every norm (and every mean over a conv) that is still there, with its reason."""
+    for node in model.graph:
+        if node.op_type not in _NORM_OPS and node.op_type != "ReduceMean":
+            continue
+        src = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+        if node.op_type == "ReduceMean":
+            if src is None or src.op_type != "Conv":
+                continue
+        name = node.name or node.op_type
+        if src is None or src.op_type != "Conv" or src.domain not in ("", "ai.onnx"):
+            if node.op_type == "InstanceNormalization" and src is not None and src.op_type == "Reshape":
+                continue  # part of a reshaped GroupNorm; reported at its Add if left
+            rec.report.skipped(name, f"{_NORM_OPS[node.op_type]} does not follow a convolution")
+            continue
+        uses = len(node.inputs[0].uses())
+        if node.op_type != "ReduceMean" and uses > 1:
+            rec.report.skipped(name, f"the conv output ({src.name}) has {uses} users; "
+                               "only the norm may read it")
+            continue
+        reason = next((r for n, r in rec.failures.items() if n in
+                       {u.name for v in node.outputs for u, _ in v.uses()} | {name}), None)
+        rec.report.skipped(name, reason or "no rule matched this subgraph")
+
+
+def rewrite_onnx(model: onnx.ModelProto, init: str = "preserve", *, fuse: bool = True,
+                 ) -> tuple[onnx.ModelProto, RewriteReport]:
+    """Rewrite ``model`` (not modified); returns the new model and the report."""
+    if init not in ("preserve", "fresh"):
+        raise ValueError(f"init={init!r}; expected preserve or fresh")
+    # types everywhere (CastLike folds only when it knows its target type), then constants
+    inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+    ir_model = ir.serde.deserialize_model(inferred)
+    onnxscript.optimizer.fold_constants(ir_model)
+    rec = Recorder()
+    RewriteRuleSet(convert_norm.rules(init, rec), commute=True).apply_to_model(ir_model)
+    if fuse:
+        RewriteRuleSet(fuse_deep_control.rules(rec), commute=True).apply_to_model(ir_model)
+    for p in (common_passes.RemoveUnusedNodesPass(), common_passes.RemoveUnusedFunctionsPass(),
+              common_passes.RemoveUnusedOpsetsPass()):
+        p(ir_model)
+    _leftovers(ir_model, rec)
+    out = onnx_ops.attach_functions(ir.serde.serialize_model(ir_model))
+    return out, rec.report
+
+
+__all__ = ["rewrite_onnx"]
