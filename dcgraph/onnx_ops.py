@@ -149,6 +149,39 @@ def attach_functions(model: ModelProto) -> ModelProto:
     return model
 
 
+def _schema(name: str, inputs: list[str], attrs: list[tuple[str, int]]) -> onnx.defs.OpSchema:
+    from onnx.defs import OpSchema
+
+    T = "T"
+    return OpSchema(
+        name, DOMAIN, VERSION,
+        inputs=[OpSchema.FormalParameter(i, T) for i in inputs],
+        outputs=[OpSchema.FormalParameter("Z", T)],
+        type_constraints=[(T, ["tensor(float)", "tensor(double)", "tensor(float16)",
+                               "tensor(bfloat16)"], "floating point")],
+        attributes=[OpSchema.Attribute(a, kind, "", required=False) for a, kind in attrs],
+        doc=f"{name} (arXiv 1706.03907); defined by a model-local function.",
+    )
+
+
+def register_schemas() -> None:
+    """Register the ``ai.dcgraph`` operator schemas with ``onnx.defs`` (idempotent).
+
+    Tools that build graphs through schemas (onnxscript, the torch exporter) need them; the
+    models themselves do not (they carry the functions).
+    """
+    from onnx.defs import OpSchema
+
+    at = OpSchema.AttrType
+    act = [("activation", at.STRING), ("alpha", at.FLOAT)]
+    conv = [("strides", at.INTS), ("pads", at.INTS), ("dilations", at.INTS), ("group", at.INT)]
+    for schema in (_schema("DeepControl", ["Y", "A", "G", "Bo"], act),
+                   _schema("DeepControlConv", ["X", "W", "B", "A", "G", "Bo"], conv + act)):
+        if onnx.defs.has(schema.name, VERSION, DOMAIN):
+            continue
+        onnx.defs.register_schema(schema)
+
+
 def check(model: ModelProto) -> None:
     """``onnx.checker`` with full shape inference (raises on an invalid model)."""
     onnx.checker.check_model(model, full_check=True)

@@ -78,3 +78,44 @@ def test_convert_external_factory_and_errors(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_onnx_export_and_convert_with_external_data(tmp_path, capsys):
+    import hashlib
+
+    import onnx
+
+    from dcgraph import onnx_tools
+
+    src = tmp_path / "mnv2.onnx"
+    assert cli.main(["onnx", "export", "mobilenet_v2", "-o", str(src)]) == 0
+    ext = tmp_path / "ext.onnx"  # the same model with its weights in a side file
+    onnx_tools.save_atomic(onnx.load(str(src)), ext, external_data=True)
+    assert (tmp_path / "ext.onnx.data").exists() and onnx_tools.uses_external_data(ext)
+    digest = hashlib.sha256(ext.read_bytes() + (tmp_path / "ext.onnx.data").read_bytes()).hexdigest()
+    out = tmp_path / "out.onnx"
+    assert cli.main(["onnx", "convert", str(ext), "-o", str(out), "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert "16 x conv+batchnorm->deep_control" in text and "verified in onnxruntime" in text
+    assert (tmp_path / "out.onnx.data").exists()  # external in, external out
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node].count("DeepControlConv") == 16
+    after = hashlib.sha256(ext.read_bytes() + (tmp_path / "ext.onnx.data").read_bytes()).hexdigest()
+    assert after == digest  # the input is untouched
+    assert not list(tmp_path.glob(".dcgraph-*"))
+
+
+def test_onnx_convert_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    for args, message in [
+        ([str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "o.onnx")], "no such file"),
+        ([str(bad), "-o", str(tmp_path / "o.onnx")], "not a readable ONNX model"),
+        ([str(bad), "-o", str(bad)], "must differ"),
+        ([str(bad), "-o", str(tmp_path / "nodir" / "o.onnx")], "not a readable"),
+    ]:
+        assert cli.main(["onnx", "convert", *args]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o.onnx").exists()

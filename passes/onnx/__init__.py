@@ -25,27 +25,30 @@ _NORM_OPS = {"BatchNormalization": "batchnorm", "InstanceNormalization": "instan
 
 
 def _leftovers(model: ir.Model, rec: Recorder) -> None:
-    """Report every norm (and every mean over a conv) that is still there, with its reason."""
+    """Report every norm still in the graph (and every mean over a conv output), with why."""
     for node in model.graph:
         if node.op_type not in _NORM_OPS and node.op_type != "ReduceMean":
             continue
         src = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
-        if node.op_type == "ReduceMean":
-            if src is None or src.op_type != "Conv":
-                continue
-        name = node.name or node.op_type
-        if src is None or src.op_type != "Conv" or src.domain not in ("", "ai.onnx"):
-            if node.op_type == "InstanceNormalization" and src is not None and src.op_type == "Reshape":
-                continue  # part of a reshaped GroupNorm; reported at its Add if left
-            rec.report.skipped(name, f"{_NORM_OPS[node.op_type]} does not follow a convolution")
+        y = node.inputs[0] if node.inputs else None
+        if node.op_type == "InstanceNormalization" and src is not None and src.op_type == "Reshape":
+            y = src.inputs[0]  # GroupNorm written as Reshape -> InstanceNormalization -> ...
+            src = y.producer() if y is not None else None
+        is_conv = src is not None and src.op_type == "Conv" and src.domain in ("", "ai.onnx")
+        if node.op_type == "ReduceMean" and not is_conv:
             continue
-        uses = len(node.inputs[0].uses())
-        if node.op_type != "ReduceMean" and uses > 1:
-            rec.report.skipped(name, f"the conv output ({src.name}) has {uses} users; "
+        name = node.name or node.op_type
+        kind = _NORM_OPS.get(node.op_type, "deep_control (plain ops)")
+        if not is_conv:
+            rec.report.skipped(name, f"{kind} does not follow a convolution")
+            continue
+        users = {n for n, _ in y.uses()} - {n for n in model.graph if n.op_type == "Shape"}
+        if node.op_type != "ReduceMean" and len(users) > 1:
+            rec.report.skipped(name, f"the conv output ({src.name}) has {len(users)} users; "
                                "only the norm may read it")
             continue
-        reason = next((r for n, r in rec.failures.items() if n in
-                       {u.name for v in node.outputs for u, _ in v.uses()} | {name}), None)
+        downstream = {name} | {u.name for v in node.outputs for u, _ in v.uses()}
+        reason = next((r for n, r in rec.failures.items() if n in downstream), None)
         rec.report.skipped(name, reason or "no rule matched this subgraph")
 
 
@@ -58,6 +61,9 @@ def rewrite_onnx(model: onnx.ModelProto, init: str = "preserve", *, fuse: bool =
     inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
     ir_model = ir.serde.deserialize_model(inferred)
     onnxscript.optimizer.fold_constants(ir_model)
+    for i, node in enumerate(ir_model.graph):  # reports and reasons need node names
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
     rec = Recorder()
     RewriteRuleSet(convert_norm.rules(init, rec), commute=True).apply_to_model(ir_model)
     if fuse:

@@ -40,8 +40,8 @@ def act_attrs(act: str, act_out: ir.Value | None) -> tuple[dict, str | None]:
     """``({"activation": ..., "alpha": ...}, reason-or-None)`` for the matched activation."""
     attrs: dict = {"activation": act}
     if act == "relu6":
-        node = act_out.producer()
-        lo, hi = (const(v) if v is not None else None for v in (list(node.inputs) + [None, None])[1:3])
+        ins = [*act_out.producer().inputs, None, None]
+        lo, hi = (const(v) for v in ins[1:3])
         if lo is None or hi is None or float(lo) != 0.0 or float(hi) != 6.0:
             return attrs, "Clip is not Clip(0, 6)"
     if act == "leaky_relu":

@@ -52,10 +52,12 @@ class ConvNormToDeepControl(RewriteRuleClassBase):
         """``(gamma, beta, mean, var, eps, batch_stats)`` as float64 vectors, or a reason."""
         node = norm_out.producer()
         if self.kind.startswith("groupnorm_reshaped"):
-            mul = norm_out.producer().inputs
-            mul = next(v.producer() for v in mul if v.producer() is not None and v.producer().op_type == "Mul")
-            shift = next(v for v in norm_out.producer().inputs if v.producer() is not mul)
-            scale = next(v for v in mul.inputs if v.producer() is None or v.producer().op_type != "Reshape")
+            add = norm_out.producer()
+            mul = next(v.producer() for v in add.inputs
+                       if v.producer() is not None and v.producer().op_type == "Mul")
+            shift = next(v for v in add.inputs if v.producer() is not mul)
+            scale = next(v for v in mul.inputs
+                         if v.producer() is None or v.producer().op_type != "Reshape")
             gamma = per_channel(const(scale), channels, rank)
             beta = per_channel(const(shift), channels, rank)
             if gamma is None or beta is None:
@@ -142,7 +144,9 @@ def followed_by_activation(value: ir.Value) -> bool:
     its two consumers are that Sigmoid and that Mul)."""
     users = [n for n, _ in value.uses()]
     if len(users) == 1 and users[0].domain in ("", "ai.onnx"):
-        return users[0].op_type in ("Relu", "LeakyRelu", "HardSwish", "Clip")
+        if users[0].op_type == "Clip":  # only Clip(0, 6) is an activation the rules absorb
+            return act_attrs("relu6", users[0].outputs[0])[1] is None
+        return users[0].op_type in ("Relu", "LeakyRelu", "HardSwish")
     if len(users) == 2:
         sig = next((n for n in users if n.op_type == "Sigmoid"), None)
         mul = next((n for n in users if n.op_type == "Mul"), None)
