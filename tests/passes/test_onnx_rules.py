@@ -235,3 +235,20 @@ def test_exported_fused_model_keeps_every_activation():
         expected = model(x).numpy()
     got = onnx_tools.run(proto, {proto.graph.input[0].name: x.numpy()})[0]
     assert np.abs(got - expected).max() / np.abs(expected).max() <= 1e-5
+
+
+def test_torch_groupnorm_and_instancenorm_export_forms():
+    """torch exports GroupNorm (opset 20) as Reshape -> InstanceNormalization -> Reshape -> Mul
+    -> Add, with a Shape of the conv output; InstanceNorm as InstanceNormalization."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.SiLU(),
+                                torch.nn.Conv2d(8, 8, 3), torch.nn.InstanceNorm2d(8, affine=True),
+                                torch.nn.ReLU()).eval()
+    proto = export_onnx(model, torch.randn(1, 3, 16, 16))
+    assert "Reshape" in _ops(proto) and "GroupNormalization" not in _ops(proto)
+    out, report = rewrite_onnx(proto)
+    assert report.counts == {"conv+groupnorm->deep_control": 1, "conv+instancenorm->deep_control": 1,
+                             "conv+deep_control->fused": 2}
+    assert not report.exact and _ops(out) == ["DeepControlConv", "DeepControlConv"]
+    assert [m.act for m in report.matches[:2]] == ["silu", "relu"]
+    converted, _ = rewrite_onnx(proto, fuse=False)
+    assert onnx_tools.compare(converted, out) <= 1e-6  # the fusion itself is exact
