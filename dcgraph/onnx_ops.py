@@ -8,7 +8,8 @@ Two operators, version 1 of domain ``ai.dcgraph``:
 
 Both take ``activation`` (identity, relu, relu6, leaky_relu, hardswish, silu) and ``alpha``
 (leaky_relu's slope). Each is shipped in the model as an ONNX function whose body is
-standard ONNX (opset 18), so any runtime executes it with no plugin. A function body cannot
+standard ONNX (in the model's own default opset, 15 or newer), so any runtime executes it
+with no plugin. A function body cannot
 branch on a string attribute, so each activation is one *overload* of the function (IR
 version 10): the node carries ``activation=relu`` and ``overload=relu``.
 
@@ -27,7 +28,8 @@ from onnx import helper as h
 
 DOMAIN = "ai.dcgraph"
 VERSION = 1
-BODY_OPSET = 18
+BODY_OPSET = 18  #: the default; bodies exist for default-domain opsets >= MIN_OPSET
+MIN_OPSET = 15  #: CastLike
 MIN_IR_VERSION = 10  # function overloads
 ACTIVATIONS = ("identity", "relu", "relu6", "leaky_relu", "hardswish", "silu")
 CONV_ATTRS = ("strides", "pads", "dilations", "group")
@@ -59,18 +61,23 @@ def _activation_nodes(act: str, z: str, out: str) -> list[NodeProto]:
         node = h.make_node("LeakyRelu", [z], [out])
         node.attribute.append(_ref("alpha", AttributeProto.FLOAT))
         return [node]
-    if act == "hardswish":
-        return [h.make_node("HardSwish", [z], [out])]
+    if act == "hardswish":  # z * HardSigmoid(z): HardSwish itself needs opset 14
+        return [h.make_node("HardSigmoid", [z], ["hs"], alpha=1.0 / 6.0, beta=0.5),
+                h.make_node("Mul", [z, "hs"], [out])]
     if act == "silu":
         return [h.make_node("Sigmoid", [z], ["sig"]), h.make_node("Mul", [z, "sig"], [out])]
     raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
 
 
-def _deep_control_nodes(y: str, act: str) -> list[NodeProto]:
+def _deep_control_nodes(y: str, act: str, opset: int) -> list[NodeProto]:
+    if opset >= 18:  # axes became an input in opset 18
+        mean = [_const("axis2", [2]), h.make_node("ReduceMean", ["yf", "axis2"], ["m"], keepdims=1)]
+    else:
+        mean = [h.make_node("ReduceMean", ["yf"], ["m"], axes=[2], keepdims=1)]
     return [
-        _const("flat_shape", [0, 0, -1]), _const("col", [-1, 1]), _const("axis2", [2]),
+        _const("flat_shape", [0, 0, -1]), _const("col", [-1, 1]),
         h.make_node("Reshape", [y, "flat_shape"], ["yf"]),
-        h.make_node("ReduceMean", ["yf", "axis2"], ["m"], keepdims=1),
+        *mean,
         h.make_node("Reshape", ["A", "col"], ["a2"]),
         h.make_node("Reshape", ["G", "col"], ["g2"]),
         h.make_node("Reshape", ["Bo", "col"], ["b2"]),
@@ -86,7 +93,7 @@ def _deep_control_nodes(y: str, act: str) -> list[NodeProto]:
 
 def deep_control_function(act: str, opset: int = BODY_OPSET) -> FunctionProto:
     """``DeepControl`` with activation ``act`` (its overload), body in default opset ``opset``."""
-    nodes = _deep_control_nodes("Y", act)
+    nodes = _deep_control_nodes("Y", act, opset)
     f = h.make_function(DOMAIN, "DeepControl", ["Y", "A", "G", "Bo"], ["Z"], nodes,
                         [h.make_opsetid("", opset)], attributes=["activation", "alpha"])
     f.overload = act
@@ -99,7 +106,7 @@ def deep_control_conv_function(act: str, opset: int = BODY_OPSET) -> FunctionPro
     conv = h.make_node("Conv", ["X", "W", "B"], ["Y"])
     conv.attribute.extend([_ref("strides", AttributeProto.INTS), _ref("pads", AttributeProto.INTS),
                            _ref("dilations", AttributeProto.INTS), _ref("group", AttributeProto.INT)])
-    nodes = [conv, *_deep_control_nodes("Y", act)]
+    nodes = [conv, *_deep_control_nodes("Y", act, opset)]
     f = h.make_function(DOMAIN, "DeepControlConv", ["X", "W", "B", "A", "G", "Bo"], ["Z"], nodes,
                         [h.make_opsetid("", opset)],
                         attributes=[*CONV_ATTRS, "activation", "alpha"])
@@ -137,9 +144,9 @@ def attach_functions(model: ModelProto) -> ModelProto:
     if not needed:
         return model
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < BODY_OPSET:
-        raise ValueError(f"the {DOMAIN} functions need default-domain opset >= {BODY_OPSET}, "
-                         f"the model imports {opset}")
+    if opset < MIN_OPSET:
+        raise ValueError(f"the {DOMAIN} functions need default-domain opset >= {MIN_OPSET}, "
+                         f"the model imports {opset} (onnx.version_converter upgrades it)")
     have = {(f.name, f.overload) for f in model.functions if f.domain == DOMAIN}
     for op_type, act in sorted(needed - have):
         model.functions.append(_BUILDERS[op_type](act, opset))

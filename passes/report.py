@@ -30,6 +30,7 @@ class RewriteReport:
 
     matches: list[Match] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  #: whole-graph remarks (an opset upgrade...)
 
     def matched(self, match: Match) -> None:
         self.matches.append(match)
@@ -40,6 +41,7 @@ class RewriteReport:
     def extend(self, other: RewriteReport) -> RewriteReport:
         self.matches.extend(other.matches)
         self.skips.extend(other.skips)
+        self.notes.extend(other.notes)
         return self
 
     @property
@@ -54,7 +56,7 @@ class RewriteReport:
     def to_dict(self) -> dict:
         return {"matches": [asdict(m) for m in self.matches],
                 "skips": [asdict(s) for s in self.skips], "counts": self.counts,
-                "exact": self.exact}
+                "exact": self.exact, "notes": list(self.notes)}
 
     def summary(self) -> str:
         """Counts and skips, without the list of matches."""
@@ -70,6 +72,7 @@ class RewriteReport:
 
     def __str__(self) -> str:
         lines = [f"{len(self.matches)} rewrites, {len(self.skips)} skipped"]
+        lines += [f"  note: {n}" for n in self.notes]
         for rule, n in sorted(self.counts.items()):
             lines.append(f"  {n:4d} x {rule}")
         approx = [m for m in self.matches if not m.exact]

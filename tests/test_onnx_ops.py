@@ -74,5 +74,18 @@ def test_attach_is_idempotent_and_checks_opset():
     old = _model(case, case.tensors(), "relu")
     del old.functions[:]
     old.opset_import[0].version = 13
-    with pytest.raises(ValueError, match="opset >= 18"):
+    with pytest.raises(ValueError, match="opset >= 15"):
         onnx_ops.attach_functions(old)
+
+
+@pytest.mark.parametrize("opset", [15, 17])
+def test_functions_in_older_opsets(opset):
+    case = CASES[5]  # groups 2, relu6
+    t = case.tensors(torch.float32)
+    for act in ("relu6", "hardswish"):
+        model = _model(case, t, act, opset=opset)
+        onnx_ops.check(model)
+        z, _ = _run(model, t["x"].numpy())
+        ref = R.conv_deep_control(t["x"], t["weight"], t["bias"], t["a"], t["g"], t["b"], act=act,
+                                  **case.conv_kwargs())
+        np.testing.assert_allclose(z, ref.numpy(), rtol=1e-4, atol=1e-4)

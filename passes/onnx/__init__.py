@@ -9,6 +9,7 @@ reports what matched and why anything was left alone.
 from __future__ import annotations
 
 import onnx
+import onnx.version_converter
 import onnxscript.optimizer
 from onnx_ir.passes import common as common_passes
 from onnxscript import ir
@@ -57,6 +58,12 @@ def rewrite_onnx(model: onnx.ModelProto, init: str = "preserve", *, fuse: bool =
     """Rewrite ``model`` (not modified); returns the new model and the report."""
     if init not in ("preserve", "fresh"):
         raise ValueError(f"init={init!r}; expected preserve or fresh")
+    notes = []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < onnx_ops.MIN_OPSET:  # the ai.dcgraph function bodies need CastLike
+        model = onnx.version_converter.convert_version(model, onnx_ops.BODY_OPSET)
+        notes.append(f"upgraded from opset {opset} to {onnx_ops.BODY_OPSET} (onnx.version_converter) "
+                     f"for the {onnx_ops.DOMAIN} functions")
     # types everywhere (CastLike folds only when it knows its target type), then constants
     inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
     ir_model = ir.serde.deserialize_model(inferred)
@@ -72,6 +79,7 @@ def rewrite_onnx(model: onnx.ModelProto, init: str = "preserve", *, fuse: bool =
               common_passes.RemoveUnusedOpsetsPass()):
         p(ir_model)
     _leftovers(ir_model, rec)
+    rec.report.notes.extend(notes)
     out = onnx_ops.attach_functions(ir.serde.serialize_model(ir_model))
     return out, rec.report
 
