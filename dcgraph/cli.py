@@ -191,6 +191,8 @@ def _onnx(args: argparse.Namespace) -> int:
     if os.path.abspath(args.input) == os.path.abspath(args.output):
         raise ValueError("OUTPUT must differ from INPUT (the input is never modified)")
     model = onnx_tools.load_checked(args.input)
+    if not any(n.op_type == "Conv" for n in model.graph.node):
+        raise onnx_tools.OnnxFileError(f"{args.input}: the model has no Conv node: nothing to convert")
     external = onnx_tools.uses_external_data(args.input)
     out, report = rewrite_onnx(model, args.init, fuse=not args.no_fuse)
     try:

@@ -107,15 +107,35 @@ def test_onnx_export_and_convert_with_external_data(tmp_path, capsys):
 
 
 def test_onnx_convert_errors(tmp_path, capsys):
+    import onnx
+    from onnx import helper as h
+
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
+    good = tmp_path / "good.onnx"
+    assert cli.main(["onnx", "export", "vgg", "-o", str(good)]) == 0
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    x = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    noconv = tmp_path / "noconv.onnx"
+    onnx.save(h.make_model(h.make_graph([h.make_node("Relu", ["x"], ["y"])], "g", [x],
+                                        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])])),
+              str(noconv))
+    invalid = tmp_path / "invalid.onnx"  # a node reading a value nothing produces
+    onnx.save(h.make_model(h.make_graph([h.make_node("Relu", ["nowhere"], ["y"])], "g", [x],
+                                        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])])),
+              str(invalid))
+    capsys.readouterr()
     for args, message in [
+        ([str(truncated), "-o", str(tmp_path / "o.onnx")], "not a readable ONNX model"),
+        ([str(noconv), "-o", str(tmp_path / "o.onnx")], "no Conv node"),
+        ([str(invalid), "-o", str(tmp_path / "o.onnx")], "checker rejects"),
         ([str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "o.onnx")], "no such file"),
         ([str(bad), "-o", str(tmp_path / "o.onnx")], "not a readable ONNX model"),
         ([str(bad), "-o", str(bad)], "must differ"),
         ([str(bad), "-o", str(tmp_path / "nodir" / "o.onnx")], "not a readable"),
     ]:
-        assert cli.main(["onnx", "convert", *args]) == 1
+        assert cli.main(["onnx", "convert", *args]) == 1, args
         err = capsys.readouterr().err
-        assert message in err and "Traceback" not in err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o.onnx").exists()
