@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-slow lint bench bench-quick setup clean
+.PHONY: run test test-slow lint bench bench-quick bench-train setup clean
 
 run: $(STAMP)                  ## the main job on the built-in model
 	$(BIN)/dcgraph demo
@@ -26,6 +26,10 @@ bench: $(STAMP)                ## benchmarks, results in benchmarks/results/
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/op_speed.py --quick
 	$(BIN)/python benchmarks/saved_memory.py --quick
+	$(BIN)/python benchmarks/train_grid.py --quick
+
+bench-train: $(STAMP)          ## the training study (about 20 min on 2 cores)
+	$(BIN)/python benchmarks/train_grid.py
 
 setup: $(STAMP)
 
@@ -36,7 +40,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,onnx,tvm]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,onnx,tvm,train]"
 	# model definitions written by others, for the passes' real-architecture tests; pure torch
 	# (their metadata asks for torchvision, which no model file used here imports)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps \
