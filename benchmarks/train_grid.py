@@ -45,7 +45,7 @@ def _run(job: tuple) -> dict:
 
 def _table(runs: list[dict], seeds: int) -> str:
     lines = ["| depth | batch | norm | test accuracy (mean, min-max) | epochs to 90% | "
-             "saved KiB / step |", "|---|---|---|---|---|---|"]
+             "saved KiB / step | s / epoch |", "|---|---|---|---|---|---|---|"]
     for depth, batch, norm in itertools.product(DEPTHS, BATCHES, NORMS):
         rs = [r for r in runs if r["config"]["norm"] == norm and r["config"]["batch_size"] == batch
               and r["config"]["depth"] == depth]
@@ -55,9 +55,10 @@ def _table(runs: list[dict], seeds: int) -> str:
         reached = [r["epochs_to_target"] for r in rs if r["epochs_to_target"] is not None]
         e90 = (f"{statistics.mean(reached):.2f} ({len(reached)}/{len(rs)} runs)" if reached
                else f"never (0/{len(rs)})")
+        per_epoch = statistics.mean(r["seconds"] / r["config"]["epochs"] for r in rs)
         lines.append(f"| {depth} | {batch} | {norm} | {statistics.mean(accs):.3f} "
                      f"({min(accs):.3f}-{max(accs):.3f}) | {e90} | "
-                     f"{rs[0]['saved_bytes_per_step'] / 1024:.1f} |")
+                     f"{rs[0]['saved_bytes_per_step'] / 1024:.1f} | {per_epoch:.1f} |")
     return "\n".join(lines)
 
 
@@ -98,7 +99,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="1 epoch, 1 seed, batch 32 only")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild the table and plot from results/train_grid.json")
     args = parser.parse_args(argv)
+    if args.report_only:
+        saved = json.loads((RESULTS / "train_grid.json").read_text())
+        _report(saved["runs"], saved["epochs"], saved["seeds"], saved.get("workers", 2), "train_grid")
+        return
     epochs, seeds = (1, 1) if args.quick else (args.epochs, args.seeds)
     batches = (32,) if args.quick else BATCHES
     jobs = [(n, b, d, s, epochs) for d, b, n, s in
@@ -111,14 +118,18 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(f.result())
     runs.sort(key=lambda r: (r["config"]["depth"], r["config"]["batch_size"], r["config"]["norm"],
                              r["config"]["seed"]))
+    _report(runs, epochs, seeds, args.workers, "train_grid_quick" if args.quick else "train_grid")
+
+
+def _report(runs: list[dict], epochs: int, seeds: int, workers: int, stem: str) -> None:
     info = machine_info()
     header = (f"Digits (1,437 train / 360 test), {epochs} epochs, {seeds} seeds, SGD momentum 0.9, "
               f"lr by batch size (1: 0.005, 4: 0.02, 32: 0.05), He init; {info['cpu']}, "
               f"torch {info['torch']}, {info['date']}. Total {sum(r['seconds'] for r in runs):.0f} s "
-              f"of training on {args.workers} workers.")
+              f"of training on {workers} workers (one torch thread each).")
     md = header + "\n\n" + _table(runs, seeds)
-    stem = "train_grid_quick" if args.quick else "train_grid"
-    paths = write_results(stem, {"machine": info, "epochs": epochs, "seeds": seeds, "runs": runs}, md)
+    paths = write_results(stem, {"machine": info, "epochs": epochs, "seeds": seeds,
+                                 "workers": workers, "runs": runs}, md)
     _plot(runs, RESULTS / f"{stem}.png")
     print(md)
     print(f"\nwrote {paths[0]}, {paths[1]} and {RESULTS / (stem + '.png')}")
