@@ -209,3 +209,48 @@ def test_bad_input_is_a_clear_error(bad, message):
         ops.conv_deep_control_op(t["x"], t["weight"], None, t["a"], t["g"], t["b"],
                                  list(kw["stride"]), list(kw["padding"]), list(kw["dilation"]),
                                  1, act, 0.1)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_eager_function_path_equals_op_path(case):
+    """functional.conv_deep_control trains through ops.ConvDeepControlFunction in plain eager
+    mode; it must give exactly what the registered op's autograd gives."""
+    from dcgraph import functional as DF
+
+    names = ["x", "weight", "bias", "a", "g", "b"]
+    t = case.tensors(torch.float64)
+    runs = []
+    for use_op in (True, False):
+        leaves = {n: (t[n].clone().requires_grad_() if t[n] is not None else None) for n in names}
+        args = [leaves[n] for n in names]
+        kw = case.conv_kwargs()
+        if use_op:
+            out = _run(ops.conv_deep_control_op, case, leaves)
+        else:
+            out = DF.conv_deep_control(*args, kw["stride"], kw["padding"], kw["dilation"],
+                                       kw["groups"], case.act, 0.1)
+            assert out.grad_fn.name() == "ConvDeepControlFunctionBackward"
+        out.backward(torch.ones_like(out))
+        runs.append((out.detach(), [leaves[n].grad for n in names if leaves[n] is not None]))
+    (o1, g1), (o2, g2) = runs
+    torch.testing.assert_close(o1, o2, rtol=0, atol=0)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_gradcheck_through_the_module():
+    import dcgraph
+
+    m = dcgraph.DeepControlConv2d(3, 4, 3, stride=2, padding=1, act="silu", dtype=torch.float64)
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, a, g, b: dcgraph.conv_deep_control(
+        x, w, m.bias, a, g, b, 2, 1, act="silu"), (x, m.weight, m.a, m.g, m.b))
+
+
+def test_tracers_see_the_op_in_training():
+    import dcgraph
+
+    m = dcgraph.DeepControlConv2d(3, 4, 3, act="relu")
+    gm = torch.fx.experimental.proxy_tensor.make_fx(lambda x: m(x))(torch.randn(2, 3, 6, 6))
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert torch.ops.dcgraph.conv_deep_control.default in targets
