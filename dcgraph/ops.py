@@ -219,12 +219,17 @@ def _setup_context(ctx, inputs, output):
     ctx.conv_args = (list(stride), list(padding), list(dilation), groups, act, negative_slope)
 
 
-def _backward(ctx, grad):
+def _grads_from_context(ctx, grad, backward_fn) -> tuple:
+    """Autograd's gradient tuple from what :func:`_setup_context` saved, via ``backward_fn``
+    (:func:`backward` itself, or the opaque backward op for tracers)."""
     x, out, weight, bias, a, g, b = ctx.saved_tensors
     need = list(ctx.needs_input_grad[:6])
-    grads = conv_deep_control_backward_op(
-        grad.contiguous(), x, out, weight, bias, a, g, b, *ctx.conv_args, need)
+    grads = backward_fn(grad.contiguous(), x, out, weight, bias, a, g, b, *ctx.conv_args, need)
     return *(gr if n else None for gr, n in zip(grads, need, strict=True)), *(None,) * 6
+
+
+def _backward(ctx, grad):
+    return _grads_from_context(ctx, grad, conv_deep_control_backward_op)
 
 
 conv_deep_control_op.register_autograd(_backward, setup_context=_setup_context)
@@ -249,7 +254,4 @@ class ConvDeepControlFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, out, weight, bias, a, g, b = ctx.saved_tensors
-        need = list(ctx.needs_input_grad[:6])
-        grads = backward(grad.contiguous(), x, out, weight, bias, a, g, b, *ctx.conv_args, need)
-        return *(gr if n else None for gr, n in zip(grads, need, strict=True)), *(None,) * 6
+        return _grads_from_context(ctx, grad, backward)

@@ -9,6 +9,8 @@ no other user. The convolution keeps its bias (the fused op handles it exactly).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import fx
 
@@ -23,12 +25,27 @@ from .nodes import ConvSpec, Unsupported, act_spec, attr_tensor, conv_spec
 _FUSED = {1: DeepControlConv1d, 2: DeepControlConv2d, 3: DeepControlConv3d}
 
 
+class Found(NamedTuple):
+    """A Deep Control after a conv: its form, its last node, its parameters, and the nodes
+    the fused op replaces (besides the conv)."""
+
+    kind: str  #: module, function or plain_ops
+    dc_node: fx.Node
+    a: torch.Tensor
+    g: torch.Tensor
+    b: torch.Tensor
+    act: str
+    negative_slope: float
+    region: list[fx.Node]
+
+
 def _module_form(gm, conv: ConvSpec):
-    """``(kind, dc_node, a, g, b, act, slope)`` when a DeepControl module or call follows."""
+    """A :class:`Found` when a DeepControl module or ``deep_control`` call follows."""
     (user,) = conv.node.users
     if user.op == "call_module" and isinstance(gm.get_submodule(user.target), _DeepControlNd):
         m = gm.get_submodule(user.target)
-        return "module", user, m.a.detach(), m.g.detach(), m.b.detach(), m.act, m.negative_slope
+        return Found("module", user, m.a.detach(), m.g.detach(), m.b.detach(), m.act,
+                     m.negative_slope, [user])
     if user.op == "call_function" and user.target is DF.deep_control:
         args = dict(zip(("y", "a", "g", "b", "act", "negative_slope"), user.args, strict=False))
         args.update(user.kwargs)
@@ -36,13 +53,13 @@ def _module_form(gm, conv: ConvSpec):
             a, g, b = (attr_tensor(gm, args[k]) for k in ("a", "g", "b"))
         except LookupError:
             return Unsupported("deep_control parameters are computed, not parameters")
-        return ("function", user, a, g, b, args.get("act", "identity"),
-                args.get("negative_slope", 0.01))
+        return Found("function", user, a, g, b, args.get("act", "identity"),
+                     args.get("negative_slope", 0.01), [user])
     return None
 
 
 def _plain_form(gm, conv: ConvSpec):
-    """``("plain_ops", exit_node, a, g, b, "identity", 0.01, region)`` or a reason, or None."""
+    """A plain-ops :class:`Found` (its region: the ops it replaces), a reason, or None."""
     y = conv.node
     region: list[fx.Node] = []
     frontier = [y]
@@ -74,7 +91,7 @@ def _plain_form(gm, conv: ConvSpec):
         if not form.p.all():
             return Unsupported("the gain on the conv output is zero in some channel")
         g = form.p
-        return ("plain_ops", exit_node, -form.q / g, g, form.r, "identity", 0.01, sorted(
+        return Found("plain_ops", exit_node, -form.q / g, g, form.r, "identity", 0.01, sorted(
             inside, key=order.__getitem__))
     reason = reason or "no Deep Control form (a per-sample map mean) after the convolution"
     return Unsupported(reason) if any(op_key(n) in ("mean", torch.mean, torch.ops.aten.mean.dim)
@@ -98,8 +115,7 @@ def fuse_deep_control(gm: fx.GraphModule, report: RewriteReport) -> int:
         if isinstance(found, Unsupported):
             report.skipped(node.name, found)
             continue
-        kind, dc_node, a, g, b, act, slope = found[:7]
-        region = found[7] if len(found) > 7 else [dc_node]
+        kind, dc_node, a, g, b, act, slope, region = found
         users = list(dc_node.users)
         act_node = None
         if act == "identity" and len(users) == 1:
