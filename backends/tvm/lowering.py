@@ -1,0 +1,69 @@
+"""Emit the fused Deep Control op into a Relax program: the one place both frontends call.
+
+``emit_conv_deep_control`` turns one ``conv -> Deep Control -> act`` into two ``call_tir``
+kernels (see :mod:`.kernels`): the hoisted per-sample shift from ``x``, then the conv with
+the scale/shift/activation epilogue. ``plan="two_pass"`` emits the conv, then a mean over
+its output and the epilogue instead (the form hoisting does not need; kept for comparison).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tvm import relax
+
+from dcgraph.activations import check as check_act
+
+from . import kernels
+
+PLANS = ("hoisted", "two_pass")
+KERNEL_ATTR = "dcgraph.kernel"  # marks the PrimFuncs dcgraph emitted (schedules and reports read it)
+
+
+def _ints(v: int | Sequence[int], nd: int, name: str) -> list[int]:
+    vals = [int(v)] * nd if isinstance(v, int) else [int(i) for i in v]
+    if len(vals) == 1 and nd > 1:
+        vals = vals * nd
+    if len(vals) != nd:
+        raise ValueError(f"{name} has {len(vals)} values for a {nd}-d convolution")
+    return vals
+
+
+def emit_conv_deep_control(
+    bb: relax.BlockBuilder, x: relax.Expr, w: relax.Expr, bias: relax.Expr | None,
+    a: relax.Expr, g: relax.Expr, b: relax.Expr, *,
+    stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1, groups: int = 1,
+    act: str = "identity", negative_slope: float = 0.01, plan: str = "hoisted",
+) -> relax.Var:
+    """Emit ``act(g * (y - a * mean_S(y)) + b)`` for ``y = conv(x, w) + bias``; returns the output var."""
+    check_act(act)
+    if plan not in PLANS:
+        raise ValueError(f"unknown plan {plan!r}; expected one of {', '.join(PLANS)}")
+    nd = len(x.ty.shape) - 2
+    if nd not in (1, 2, 3):
+        raise ValueError(f"Deep Control conv needs 1-3 spatial dims, got input rank {nd + 2}")
+    conv = {"stride": _ints(stride, nd, "stride"), "padding": _ints(padding, nd, "padding"),
+            "dilation": _ints(dilation, nd, "dilation"), "groups": int(groups)}
+    if plan == "hoisted":
+        if bias is None:
+            shift = bb.emit_te(lambda x_, w_, a_, g_, b_: kernels.hoisted_shift(
+                x_, w_, None, a_, g_, b_, **conv), x, w, a, g, b, primfunc_name_hint="dc_shift",
+            primfunc_attrs={KERNEL_ATTR: "dc_shift"})
+        else:
+            shift = bb.emit_te(lambda x_, w_, c_, a_, g_, b_: kernels.hoisted_shift(
+                x_, w_, c_, a_, g_, b_, **conv), x, w, bias, a, g, b, primfunc_name_hint="dc_shift",
+            primfunc_attrs={KERNEL_ATTR: "dc_shift"})
+        return bb.emit_te(lambda x_, w_, g_, o_: kernels.conv_epilogue(
+            x_, w_, g_, o_, act=act, negative_slope=negative_slope, **conv),
+            x, w, g, shift, primfunc_name_hint="dc_conv",
+            primfunc_attrs={KERNEL_ATTR: "dc_conv"})
+    y = bb.emit_te(lambda x_, w_: kernels.conv_epilogue(x_, w_, None, None, **conv), x, w,
+                   primfunc_name_hint="dc_conv_raw",
+            primfunc_attrs={KERNEL_ATTR: "dc_conv_raw"})
+    if bias is not None:  # DC of y + c0 is DC of y with b' = b + g * c0 * (1 - a)
+        one = relax.const(1.0, x.ty.dtype)
+        b = bb.emit(relax.op.add(b, relax.op.multiply(g, relax.op.multiply(bias, relax.op.subtract(one, a)))))
+    return bb.emit_te(lambda y_, a_, g_, b_: kernels.deep_control(y_, a_, g_, b_, act, negative_slope),
+                      y, a, g, b, primfunc_name_hint="dc_two_pass",
+            primfunc_attrs={KERNEL_ATTR: "dc_two_pass"})

@@ -1,0 +1,182 @@
+"""Default (untuned) schedules: what a build gets when no tuning record matches.
+
+TVM's unscheduled CPU build of a convolution is a plain loop nest, tens of times slower
+than PyTorch. :func:`schedule_conv_cpu` is a hand-written direct-convolution schedule for
+any PrimFunc with a convolution block (dcgraph's ``conv`` + ``epilogue`` kernels, and TOPI's
+``conv{1,2,3}d_nc*`` blocks after TVM's own fusion, so the unfused baseline gets the same
+convolution schedule and a comparison measures fusion only):
+
+- the output tile is ``ci`` output channels x ``wi`` consecutive output columns, held in
+  registers (a "local" accumulator), ``wi`` vectorised, ``ci`` unrolled;
+- the reduction runs over input channels, then kernel taps, around the tile;
+- every elementwise stage after the convolution (Deep Control's scale/shift/activation,
+  a fused residual add) is computed on the tile while it is in registers;
+- the outer output loops are fused and run in parallel; zero padding is its own parallel
+  stage (inlined, it would put a branch in the inner loop).
+
+:func:`schedule_reduction_cpu` parallelises the small hoisted-shift kernels.
+:func:`default_schedule_pass` applies them to a module; GPU targets use
+:mod:`.gpu` (dlight rules plus a conv rule).
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import Schedule
+
+SCHEDULED = "dcgraph.schedule"
+
+
+def _extent(sch: Schedule, loop: s_tir.schedule.LoopRV) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def _iter_kinds(sch: Schedule, block: s_tir.schedule.SBlockRV) -> list[int]:
+    return [int(iv.iter_type) for iv in sch.get(block).iter_vars]
+
+
+def find_conv_block(sch: Schedule) -> s_tir.schedule.SBlockRV | None:
+    """The convolution block: >= 3 spatial iterators (N, C, *spatial), >= 2 reduction iterators
+    (input channels, kernel taps), two inputs (data, weight)."""
+    best = None
+    for block in sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []:
+        kinds = _iter_kinds(sch, block)
+        n_spatial = kinds.count(0)
+        n_reduce = kinds.count(2)
+        if n_reduce >= 2 and n_spatial >= 3 and len(kinds) == n_spatial + n_reduce:
+            body = sch.get(block)
+            if len(body.writes) == 1 and len(body.writes[0].region) == n_spatial and len(body.reads) >= 2:
+                best = block
+    return best
+
+
+def _has_root(sch: Schedule) -> bool:
+    try:
+        sch.get_sblock("root")
+    except Exception:  # TVM raises a generic error for a missing block
+        return False
+    return True
+
+
+def _pick_tile(extent: int | None, choices: tuple[int, ...]) -> int:
+    if extent is None:
+        return 1
+    for c in choices:
+        if extent % c == 0:
+            return c
+    return 1
+
+
+def _width_tile(extent: int | None, lanes: int) -> int:
+    """Output columns per tile: one vector if it divides the row, else the largest divisor below.
+
+    Measured on ResNet-18 shapes (AVX2): 8 channels x 8 columns (56-wide rows) or 8 x 7
+    (28, 14, 7) ran 26-34 GMAC/s; 4 x 16 or 4 x 14, and any tile that does not divide the
+    row (a predicated tail), ran 5-16.
+    """
+    if extent is None:
+        return 1
+    if extent % lanes == 0:
+        return lanes
+    for c in range(lanes - 1, 1, -1):
+        if extent % c == 0:
+            return c
+    return extent if extent < lanes else 1
+
+
+def schedule_conv_cpu(sch: Schedule, lanes: int = 8) -> bool:
+    """Schedule the PrimFunc in ``sch`` if it holds a convolution block; return whether it did."""
+    conv = find_conv_block(sch)
+    if conv is None:
+        return False
+    root = sch.get_sblock("root")
+    blocks = list(sch.get_child_blocks(root))
+    names = [sch.get(b).name_hint for b in blocks]
+    idx = names.index(sch.get(conv).name_hint)
+    producers, consumers = blocks[:idx], blocks[idx + 1:]
+    # Fold every stage after the conv into the last one (all elementwise on the conv output).
+    for block in consumers[:-1]:
+        sch.compute_inline(block)
+    out = consumers[-1] if consumers else None
+
+    kinds = _iter_kinds(sch, conv)
+    n_spatial = kinds.count(0)
+    loops = sch.get_loops(conv)
+    spatial, reduce_ = loops[:n_spatial], loops[n_spatial:]
+    c_ext = _extent(sch, spatial[1])
+    w_ext = _extent(sch, spatial[-1])
+    wi_n = _width_tile(w_ext, lanes)
+    ci_n = _pick_tile(c_ext, (8, 4, 2))
+    co, ci = sch.split(spatial[1], [None, ci_n])
+    wo, wi = sch.split(spatial[-1], [None, wi_n])
+    middle = list(spatial[2:-1])
+    sch.reorder(spatial[0], co, *middle, wo, *reduce_, ci, wi)
+
+    if out is not None:
+        sch.reverse_compute_at(out, wo, preserve_unit_loops=True)
+        sch.set_scope(conv, 0, "local")
+        out_loops = sch.get_loops(out)[len(middle) + 3:]
+        if out_loops:
+            inner = sch.fuse(*out_loops[:-1]) if len(out_loops) > 2 else None
+            del inner
+            sch.vectorize(sch.get_loops(out)[-1])
+    sch.parallel(sch.fuse(spatial[0], co, *middle))
+    sch.unroll(ci)
+    sch.vectorize(wi)
+    init = sch.decompose_reduction(conv, reduce_[0])  # zero the accumulator tile in registers
+    sch.vectorize(sch.get_loops(init)[-1])
+
+    for block in producers:  # padding (or any other per-input stage): parallel over (N, C)
+        ploops = sch.get_loops(block)
+        if len(ploops) >= 2:
+            sch.parallel(sch.fuse(ploops[0], ploops[1]))
+            if _extent(sch, ploops[-1]):
+                _, vec = sch.split(ploops[-1], [None, _pick_tile(_extent(sch, ploops[-1]), (lanes, 4, 2))])
+                sch.vectorize(vec)
+    return True
+
+
+def schedule_reduction_cpu(sch: Schedule) -> bool:
+    """Parallelise the outer spatial loop of every block (the small hoisted-shift kernels)."""
+    if not _has_root(sch):
+        return False
+    done = False
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        loops = sch.get_loops(block)
+        kinds = _iter_kinds(sch, block)
+        n_spatial = 0
+        for k in kinds:
+            if k != 0:
+                break
+            n_spatial += 1
+        if n_spatial >= 2 and len(loops) >= 2:
+            sch.parallel(sch.fuse(loops[0], loops[1]))
+            done = True
+        elif n_spatial == 1:
+            sch.parallel(loops[0])
+            done = True
+    return done
+
+
+def schedule_func_cpu(func: tirx.PrimFunc, lanes: int = 8) -> tirx.PrimFunc | None:
+    """The default CPU schedule for one PrimFunc, or None if no rule applies."""
+    sch = Schedule(func)
+    if schedule_conv_cpu(sch, lanes):
+        return sch.mod["main"].with_attr(SCHEDULED, "conv")
+    if func.attrs and "dcgraph.kernel" in func.attrs and schedule_reduction_cpu(sch):
+        return sch.mod["main"].with_attr(SCHEDULED, "reduction")
+    return None
+
+
+def vector_lanes(target: tvm.target.Target) -> int:
+    """float32 lanes of the target's widest vector unit (AVX-512: 16, AVX2: 8, NEON: 4)."""
+    mcpu = str(target.attrs.get("mcpu", "")) if target.kind.name == "llvm" else ""
+    triple = str(target.attrs.get("mtriple", ""))
+    if "aarch64" in triple or "arm" in triple:
+        return 4
+    if any(k in mcpu for k in ("avx512", "skylake-avx512", "cascadelake", "icelake", "sapphirerapids",
+                                "znver4", "znver5")):
+        return 16
+    return 8
