@@ -2,20 +2,22 @@
 
 ``legalize -> annotate -> fold constants -> FuseOps -> FuseTIR -> [tuned records] ->
 default schedules -> TVM's lowering``. Tuned records (a MetaSchedule database) win where
-they match; every other PrimFunc gets :mod:`.schedules` (CPU) or dlight (GPU) rules, and
-:func:`schedule_report` says which kernel got what.
+they match; every other PrimFunc gets :mod:`.schedules` (CPU) or :mod:`.gpu` rules, and
+:func:`kernel_report` says which kernel got what.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import tvm
 from tvm import relax, tirx
+from tvm.relax.backend.cpu_generic import pipeline as cpu_backend
+from tvm.relax.backend.cuda import pipeline as cuda_backend
 
 from . import schedules
-
-
-def is_gpu(target: tvm.target.Target) -> bool:
-    return "gpu" in list(target.keys)
+from .lowering import KERNEL_ATTR
+from .targets import is_gpu
 
 
 @tvm.transform.module_pass(opt_level=0, name="dcgraph.DefaultSchedule")
@@ -32,7 +34,9 @@ class DefaultSchedule:
         lanes = schedules.vector_lanes(self.target)
         updates = {}
         for gv, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or _scheduled(func):
+            if not isinstance(func, tirx.PrimFunc) or schedules.SCHEDULED in (func.attrs or {}):
+                continue
+            if _tuned(func):
                 continue
             new = schedules.schedule_func_cpu(func, lanes)
             if new is not None:
@@ -42,36 +46,79 @@ class DefaultSchedule:
         return mod
 
 
-def _scheduled(func: tirx.PrimFunc) -> bool:
+def _tuned(func: tirx.PrimFunc) -> bool:
     attrs = func.attrs or {}
-    return bool(attrs.get("tir.is_scheduled", False)) or schedules.SCHEDULED in attrs
+    return bool(attrs.get("tir.is_scheduled", False)) and schedules.SCHEDULED not in attrs
+
+
+def _backend(target: tvm.target.Target):
+    return cuda_backend if target.kind.name == "cuda" else cpu_backend
+
+
+def optimize(mod: tvm.IRModule, target: tvm.target.Target, database=None) -> tvm.IRModule:
+    """Legalize, fuse and schedule ``mod`` (``database``: MetaSchedule records to apply first)."""
+    passes = [
+        *_backend(target).library_dispatch_passes(target),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+    with target:
+        mod = tvm.transform.Sequential(passes)(mod)
+        if database is not None:
+            with database:
+                mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        return DefaultSchedule(target)(mod)
+
+
+def lower_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """TVM's passes after scheduling: dataflow lowering, memory planning, VM lowering."""
+    backend = _backend(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="dcgraph.Lower")
+    def _lower(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            return tvm.transform.Sequential(
+                backend.dataflow_lower_passes(target) + backend.finalize_passes(target))(mod)
+
+    return _lower
 
 
 def relax_pipeline(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
-    """The full Relax pipeline for ``target``; ``database``: a MetaSchedule database or None."""
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-    from tvm.relax.backend.cuda import pipeline as cuda
-
-    backend = cuda if target.kind.name == "cuda" else cpu
+    """The whole pipeline as one pass, for ``tvm.compile(mod, target, relax_pipeline=...)``."""
 
     @tvm.transform.module_pass(opt_level=0, name="dcgraph.Pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        passes = [
-            *backend.library_dispatch_passes(target),
-            relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-        ]
-        with target:
-            mod = tvm.transform.Sequential(passes)(mod)
-            if database is not None:
-                with database:
-                    mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-            mod = DefaultSchedule(target)(mod)
-            mod = tvm.transform.Sequential(
-                backend.dataflow_lower_passes(target) + backend.finalize_passes(target))(mod)
-        return mod
+        return lower_pipeline(target)(optimize(mod, target, database))
 
     return _pipeline
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """One PrimFunc of a compiled model: its name, what emitted it, how it was scheduled."""
+
+    name: str
+    origin: str  # "dcgraph" (a fused Deep Control kernel) or "tvm" (TVM's own legalized ops)
+    schedule: str  # "tuned" (a database record), "default" (dcgraph/dlight rule) or "none"
+
+
+def kernel_report(mod: tvm.IRModule) -> list[KernelInfo]:
+    """Every PrimFunc of an optimized module and how it was scheduled."""
+    infos = []
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        attrs = func.attrs or {}
+        # FuseOps renames a dcgraph conv it merged a residual add into (fused_dc_conv2_add_relu)
+        origin = "dcgraph" if KERNEL_ATTR in attrs or "dc_" in gv.name_hint else "tvm"
+        if _tuned(func):
+            schedule = "tuned"
+        elif schedules.SCHEDULED in attrs:
+            schedule = "default"
+        else:
+            schedule = "none"
+        infos.append(KernelInfo(gv.name_hint, origin, schedule))
+    return sorted(infos, key=lambda k: k.name)

@@ -138,25 +138,22 @@ def schedule_conv_cpu(sch: Schedule, lanes: int = 8) -> bool:
     return True
 
 
-def schedule_reduction_cpu(sch: Schedule) -> bool:
-    """Parallelise the outer spatial loop of every block (the small hoisted-shift kernels)."""
+def schedule_reduction_cpu(sch: Schedule, min_parallel: int = 16) -> bool:
+    """Run the outer spatial loops of every block in parallel (the hoisted-shift kernels, pooling,
+    means): blocks whose two outer loops (N, C) are spatial with at least ``min_parallel`` iterations."""
     if not _has_root(sch):
         return False
     done = False
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         loops = sch.get_loops(block)
         kinds = _iter_kinds(sch, block)
-        n_spatial = 0
-        for k in kinds:
-            if k != 0:
-                break
-            n_spatial += 1
-        if n_spatial >= 2 and len(loops) >= 2:
-            sch.parallel(sch.fuse(loops[0], loops[1]))
-            done = True
-        elif n_spatial == 1:
-            sch.parallel(loops[0])
-            done = True
+        if len(loops) < 2 or len(kinds) < 2 or kinds[0] != 0 or kinds[1] != 0:
+            continue
+        extents = [_extent(sch, loop) for loop in loops[:2]]
+        if None in extents or extents[0] * extents[1] < min_parallel:
+            continue
+        sch.parallel(sch.fuse(loops[0], loops[1]))
+        done = True
     return done
 
 
@@ -165,8 +162,8 @@ def schedule_func_cpu(func: tirx.PrimFunc, lanes: int = 8) -> tirx.PrimFunc | No
     sch = Schedule(func)
     if schedule_conv_cpu(sch, lanes):
         return sch.mod["main"].with_attr(SCHEDULED, "conv")
-    if func.attrs and "dcgraph.kernel" in func.attrs and schedule_reduction_cpu(sch):
-        return sch.mod["main"].with_attr(SCHEDULED, "reduction")
+    if schedule_reduction_cpu(sch):
+        return sch.mod["main"].with_attr(SCHEDULED, "parallel")
     return None
 
 

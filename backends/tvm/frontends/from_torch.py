@@ -1,0 +1,57 @@
+"""torch.export programs into Relax, with ``dcgraph::conv_deep_control`` mapped to the fused kernels.
+
+TVM's exported-program importer takes a ``custom_convert_map`` keyed by op name; the entry
+here reads the op's arguments and calls :func:`..lowering.emit_conv_deep_control`, so every
+fused block becomes dcgraph's two kernels instead of a conv, a mean and an elementwise chain.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import tvm
+from torch import fx
+from tvm.relax.frontend.torch import from_exported_program
+
+from dcgraph import ops  # noqa: F401 - registers dcgraph::conv_deep_control before programs load
+
+from ..lowering import emit_conv_deep_control
+
+OP_NAME = "conv_deep_control.default"
+
+
+class ImportError_(ValueError):
+    """A program TVM's importer cannot take, with the reason in one line."""
+
+
+def _converter(plan: str):
+    def convert(node: fx.Node, importer: Any) -> tvm.relax.Var:
+        args = importer.retrieve_args(node)
+        names = ("x", "weight", "bias", "a", "g", "b", "stride", "padding", "dilation", "groups",
+                 "act", "negative_slope")
+        values = dict(zip(names, args, strict=False))
+        for k, v in node.kwargs.items():
+            values[k] = importer.env[v] if isinstance(v, fx.Node) else v
+        return emit_conv_deep_control(
+            importer.block_builder, values["x"], values["weight"], values["bias"], values["a"],
+            values["g"], values["b"], stride=values["stride"], padding=values["padding"],
+            dilation=values["dilation"], groups=values["groups"], act=values["act"],
+            negative_slope=values["negative_slope"], plan=plan)
+
+    return convert
+
+
+def from_torch(program: torch.export.ExportedProgram, plan: str = "hoisted") -> tvm.IRModule:
+    """Import an exported program (parameters bound as constants) into a Relax module ``main``."""
+    if not isinstance(program, torch.export.ExportedProgram):
+        raise TypeError(f"expected a torch.export.ExportedProgram, got {type(program).__name__}")
+    for node in program.graph.nodes:
+        if node.op == "call_function" and "conv_deep_control_backward" in str(node.target):
+            raise ImportError_("the program contains the training backward of the fused op; "
+                               "export the model in eval mode under torch.no_grad()")
+    try:
+        return from_exported_program(program, custom_convert_map={OP_NAME: _converter(plan)})
+    except KeyError as err:  # TVM's importer raises KeyError for an ATen op it has no converter for
+        raise ImportError_(f"TVM's torch importer has no converter for {err}; "
+                           "the op must be removed or rewritten before compiling") from None
