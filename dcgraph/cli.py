@@ -109,6 +109,32 @@ def build_parser() -> argparse.ArgumentParser:
     oe.add_argument("--fused", action="store_true", help="rewrite with the torch passes first")
     oe.add_argument("--input-shape", metavar="N,C,H,W")
 
+    cp = sub.add_parser(
+        "compile", help="compile a model through TVM for x86, ARM or an NVIDIA GPU",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Convert and fuse MODEL's conv + norm blocks into Deep Control (as `convert` "
+                    "does), import it into TVM Relax with dcgraph's fused kernels, schedule and "
+                    "compile it for TARGET, check it against PyTorch where the target runs here, "
+                    "and write a deployable shared library OUTPUT (+ OUTPUT.json, its signature).",
+        epilog="MODEL: a built-in name (resnet18, mobilenet_v2, efficientnet, vgg, dcnet), "
+               "package.module:factory, a torch.export archive (.pt2) or an ONNX model (.onnx).\n"
+               "TARGET: x86 (this CPU), arm (aarch64 + NEON, cross-compiled; --verify runs it "
+               "under qemu), cuda (sm_90), cuda-sm80, a TVM target dict as JSON, a TVM tag, or "
+               "'llvm -mcpu=...'.\n"
+               "Without a tuning database the kernels use dcgraph's default schedules (reported "
+               "as UNTUNED). Load the library with dcgraph.backends.tvm.load(OUTPUT).")
+    cp.add_argument("model", metavar="MODEL")
+    cp.add_argument("--target", default="x86", help="x86 | arm | cuda | cuda-sm80 | JSON dict (default x86)")
+    cp.add_argument("-o", "--output", metavar="OUTPUT", help="shared library to write (.so)")
+    cp.add_argument("--input-shape", metavar="N,C,H,W", help="input shape (default: the model's)")
+    cp.add_argument("--plan", choices=["hoisted", "two_pass"], default="hoisted",
+                    help="fused kernel form: mean hoisted from the input (default), or conv then mean")
+    cp.add_argument("--db", metavar="DIR", help="MetaSchedule database of tuned records to apply")
+    cp.add_argument("--no-convert", action="store_true", help="compile as is (no norm conversion)")
+    cp.add_argument("--verify", action="store_true",
+                    help="for arm: run the compiled model on the emulated ARM RPC server and compare")
+    cp.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch")
+
     tr = sub.add_parser(
         "train", help="train a small CNN on the digits data with a chosen normalisation",
         description="Train a small CNN on scikit-learn's handwritten digits (no download; 80/20 "
@@ -257,7 +283,71 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": _demo, "convert": _convert, "onnx": _onnx, "train": _train}
+def _compile(args: argparse.Namespace) -> int:
+    import statistics
+
+    import torch
+
+    from dcgraph.backends.tvm import compiler, targets
+    from dcgraph.models import load_model, parse_shape
+
+    if args.output and not args.output.endswith(".so"):
+        raise ValueError(f"--output {args.output!r}: the library must end in .so")
+    target = targets.resolve(args.target)
+    override = parse_shape(args.input_shape) if args.input_shape else None
+    if args.model.endswith((".onnx", ".pt2")):
+        if not os.path.isfile(args.model):
+            raise ValueError(f"no such file: {args.model}")
+        if args.model.endswith(".onnx"):
+            from dcgraph.onnx_tools import load_checked
+
+            model = load_checked(args.model)
+            shape = compiler.onnx_input_shape(model, override)
+        else:
+            model = args.model
+            if override is None:
+                raise ValueError("a .pt2 program needs --input-shape (the shape it was exported with)")
+            shape = override
+    else:
+        model, default_shape = load_model(args.model)
+        model = model.eval()
+        shape = override or default_shape or (1, 3, 224, 224)
+    example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    print(f"compiling {args.model} {tuple(shape)} for {targets.describe(target)} ...", file=sys.stderr)
+    compiled = compiler.compile(model, target, example, plan=args.plan, convert=not args.no_convert,
+                                database=args.db)
+    print(compiled.summary())
+    runner, server = None, None
+    if targets.runs_here(target):
+        runner = compiled
+    elif args.verify and targets.is_arm(target):
+        from dcgraph.backends.tvm import emulation
+
+        root = emulation.ensure_arm_root(progress=lambda m: print(m, file=sys.stderr))
+        server = emulation.ArmRpcServer(root).__enter__()
+        runner = compiled.remote(server.connect())
+    try:
+        if runner is not None and not args.no_verify:
+            got = runner(example)
+            want = compiler.reference_output(model, example)
+            err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+            where = "here" if runner is compiled else "on emulated ARM (qemu)"
+            print(f"verified {where}: max relative error vs the original model {err:.1e}")
+            if not err <= 1e-4:
+                raise ValueError(f"the compiled model differs from the original: relative error {err:.1e}")
+        if runner is compiled:
+            ms = statistics.median(compiled.time(example)) * 1e3
+            print(f"latency: {ms:.3f} ms per call (batch {shape[0]}, median of 5 x 10 calls)")
+    finally:
+        if server is not None:
+            server.stop()
+    if args.output:
+        compiled.export(args.output)
+        print(f"wrote {args.output} (+ {os.path.basename(args.output)}.json)")
+    return 0
+
+COMMANDS = {"demo": _demo, "convert": _convert, "onnx": _onnx, "train": _train,
+            "compile": _compile}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,9 +363,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (ModelSpecError, ValueError, TraceFailure, VerificationError, OSError) as e:
-        # OnnxFileError is a ValueError
+        # OnnxFileError, CompileError and TargetError are ValueErrors
         print(f"dcgraph {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:
+        if not _from_tvm_or_emulation(e):
+            raise
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        print(f"dcgraph {args.command}: error: {lines[-1] if lines else type(e).__name__}", file=sys.stderr)
+        return 1
+
+
+def _from_tvm_or_emulation(e: BaseException) -> bool:
+    """TVM's errors and the ARM emulation's are reported in one line, not as a deep traceback."""
+    module = type(e).__module__ or ""
+    return module.startswith(("tvm", "dcgraph.backends")) or "TVM" in type(e).__name__
 
 
 if __name__ == "__main__":

@@ -291,3 +291,39 @@ class RemoteModel:
         arrays = self.compiled.check_inputs(args)
         out = self.vm["main"](*[tvm.runtime.tensor(a, self.dev) for a in arrays])
         return _unpack(out, any(isinstance(a, torch.Tensor) for a in args))
+
+
+def onnx_input_shape(model: Any, override: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The first graph input's shape (``override`` where dims are symbolic)."""
+    init = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in init]
+    if len(inputs) != 1:
+        raise CompileError(f"the ONNX model has {len(inputs)} inputs; dcgraph compile takes one")
+    dims = inputs[0].type.tensor_type.shape.dim
+    shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
+    if override is not None:
+        if len(override) != len(shape) or any(s not in (-1, o) for s, o in zip(shape, override, strict=True)):
+            raise CompileError(f"--input-shape {override} does not fit the model's input {shape}")
+        return tuple(override)
+    if -1 in shape:
+        raise CompileError(f"the ONNX input {inputs[0].name!r} has symbolic dims {shape}: give --input-shape")
+    return shape
+
+
+def reference_output(model: Any, example: torch.Tensor) -> torch.Tensor:
+    """What the compiled model should return: PyTorch (module / program) or onnxruntime (ONNX)."""
+    if type(model).__name__ == "ModelProto":
+        from dcgraph.onnx_tools import run
+
+        init = {i.name for i in model.graph.initializer}
+        name = next(i.name for i in model.graph.input if i.name not in init)
+        return torch.from_numpy(run(model, {name: example.numpy()})[0])
+    if isinstance(model, str | Path):
+        from dcgraph import ops  # noqa: F401
+
+        model = torch.export.load(str(model))
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
+    with torch.no_grad():
+        out = model(example)
+    return out[0] if isinstance(out, tuple | list) else out

@@ -2,11 +2,11 @@
 torch.export save/load and torch.compile."""
 
 import torch
+
+from dcgraph import zoo
 from dcgraph.passes import verify
 from dcgraph.passes.export import rewrite_exported
 from dcgraph.passes.fx import rewrite
-
-from dcgraph import zoo
 
 OP = torch.ops.dcgraph.conv_deep_control.default
 

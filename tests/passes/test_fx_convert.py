@@ -5,13 +5,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from dcgraph.passes import verify
-from dcgraph.passes.fx import ApproximateConversionWarning, convert, rewrite
 from torch import nn
 
 from dcgraph import reference as R
 from dcgraph import zoo
 from dcgraph.nn import DeepControl1d, DeepControl2d, DeepControl3d
+from dcgraph.passes import verify
+from dcgraph.passes.fx import ApproximateConversionWarning, convert, rewrite
 
 # conv + norm pairs, counted by hand from each architecture
 PAIRS = {"resnet18": 20, "mobilenet_v2": 16, "efficientnet": 11, "vgg": 6, "two_users": 1}

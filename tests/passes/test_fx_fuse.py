@@ -5,13 +5,13 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from dcgraph.passes import verify
-from dcgraph.passes.fx import convert, fuse, rewrite
 from torch import nn
 
 import dcgraph
 from dcgraph import zoo
 from dcgraph.nn import DeepControlConv2d
+from dcgraph.passes import verify
+from dcgraph.passes.fx import convert, fuse, rewrite
 
 
 def _params(c, seed=0):

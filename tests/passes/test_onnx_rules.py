@@ -7,13 +7,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from dcgraph.passes.fx import rewrite
-from dcgraph.passes.onnx import rewrite_onnx
 from onnx import numpy_helper as nh
 
 from dcgraph import onnx_ops, onnx_tools, zoo
 from dcgraph import reference as R
 from dcgraph.onnx_export import export_onnx
+from dcgraph.passes.fx import rewrite
+from dcgraph.passes.onnx import rewrite_onnx
 
 RNG = np.random.default_rng(0)
 

@@ -12,11 +12,11 @@ import importlib
 
 import pytest
 import torch
+
+from dcgraph import zoo
 from dcgraph.passes import verify
 from dcgraph.passes.export import rewrite_exported
 from dcgraph.passes.fx import TraceFailure, rewrite
-
-from dcgraph import zoo
 
 pytest.importorskip("pytorchcv")
 
