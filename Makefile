@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-slow lint bench bench-quick bench-train setup clean
+.PHONY: run test test-slow lint bench bench-quick bench-train setup arm-setup clean
 
 run: $(STAMP)                  ## the main job on the built-in model
 	$(BIN)/dcgraph demo
@@ -32,6 +32,9 @@ bench-train: $(STAMP)          ## the training study (about 20 min on 2 cores)
 	$(BIN)/python benchmarks/train_grid.py
 
 setup: $(STAMP)
+
+arm-setup: $(STAMP)            ## emulated aarch64 for the TVM tests: qemu, cross gcc, arm64 Python + TVM (~1 min once)
+	$(BIN)/python -m dcgraph.backends.tvm.emulation
 
 # torch 2.13.0 first, by exact version: it is the CPU build on this machine's local disk;
 # a loose "torch" would pull a multi-GB CUDA build.

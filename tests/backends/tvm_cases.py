@@ -31,13 +31,17 @@ def batch_cases() -> list[ConvCase]:
     return [with_batch(c, b) for c in CASES for b in BATCHES]
 
 
-def case_module(case: ConvCase, plan: str = "hoisted") -> tuple[tvm.IRModule, list[np.ndarray], np.ndarray]:
-    """``(module, float32 inputs, float64 reference output)``: x, weight, [bias], a, g, b as inputs."""
+def case_module(case: ConvCase, plan: str = "hoisted", bb: relax.BlockBuilder | None = None,
+                name: str = "main") -> tuple[tvm.IRModule, list[np.ndarray], np.ndarray]:
+    """``(module, float32 inputs, float64 reference output)``: x, weight, [bias], a, g, b as inputs.
+
+    With ``bb``, the case is added to that builder as function ``name`` (many cases, one module).
+    """
     t = case.tensors(torch.float64)
     names = [k for k in ("x", "weight", "bias", "a", "g", "b") if t[k] is not None]
     params = {k: relax.Var(k, relax.TensorType(tuple(t[k].shape), "float32")) for k in names}
-    bb = relax.BlockBuilder()
-    with bb.function("main", list(params.values())):
+    bb = bb or relax.BlockBuilder()
+    with bb.function(name, list(params.values())):
         with bb.dataflow():
             out = emit_conv_deep_control(
                 bb, params["x"], params["weight"], params.get("bias"), params["a"], params["g"],
