@@ -22,11 +22,13 @@ test-slow: $(STAMP)            ## the long tests only
 bench: $(STAMP)                ## benchmarks, results in benchmarks/results/
 	$(BIN)/python benchmarks/op_speed.py
 	$(BIN)/python benchmarks/saved_memory.py
+	$(BIN)/python benchmarks/tvm_kernels.py
 
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/op_speed.py --quick
 	$(BIN)/python benchmarks/saved_memory.py --quick
 	$(BIN)/python benchmarks/train_grid.py --quick
+	$(BIN)/python benchmarks/tvm_kernels.py --quick
 
 bench-train: $(STAMP)          ## the training study (about 20 min on 2 cores)
 	$(BIN)/python benchmarks/train_grid.py
