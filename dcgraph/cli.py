@@ -33,9 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser(
-        "demo", help="the main job: rewrite the built-in ResNet-18, then train with Deep Control",
+        "demo",
+        help="the main job: rewrite the built-in ResNet-18, compile it with TVM, train with Deep Control",
         description="1. Convert and fuse the built-in ResNet-18-like BatchNorm model into Deep "
-                    "Control (exact), verify it, print the rewrite report, time inference. "
+                    "Control (exact), verify it, print the rewrite report; compile it through TVM "
+                    "for this CPU, verify that against PyTorch, time inference of all three. "
                     "2. Build the built-in DCNet with fused Deep Control blocks, with Deep Control "
                     "as plain ops (same weights) and with BatchNorm; check that fused and plain "
                     "agree; time a training step of each and count the bytes autograd saves.")

@@ -3,7 +3,9 @@
 1. *Rewrite*: the built-in ResNet-18-like BatchNorm model (ResNet-18's widths) is exported,
    its 20 conv + BN (+ relu) blocks converted to Deep Control (``preserve`` init, exact) and fused into the
    ``dcgraph::conv_deep_control`` op; the result is checked against the original in float64
-   and float32, and both are timed at inference.
+   and float32. The rewritten program is then compiled through TVM for this CPU (dcgraph's
+   fused kernels, default schedules), checked against the original, and all three (PyTorch
+   BatchNorm, PyTorch fused, TVM fused) are timed at inference.
 2. *Train*: the same network (:class:`dcgraph.zoo.DCNet`) is built with fused Deep Control
    blocks, with Deep Control as plain ops (same weights), and with BatchNorm. Fused and plain
    must agree (outputs and every gradient); a training step of each is timed (median of
@@ -113,8 +115,9 @@ def run(batch: int = 8, size: int = 64, repeats: int = 10, threads: int = 2,
 
 
 def rewrite_section(batch: int = 8, repeats: int = 10, seed: int = 0, width: int = 64,
-                    size: int = 112) -> str:
-    """Convert + fuse the ResNet-18-like model, verify, time inference; a text report."""
+                    size: int = 112, compile_tvm: bool = True) -> str:
+    """Convert + fuse the ResNet-18-like model, verify, time inference; then (``compile_tvm``)
+    compile the rewritten program through TVM for this CPU, verify and time it; a text report."""
     from dcgraph.passes.pipeline import convert_model
 
     model = zoo.randomize_norm_stats(zoo.resnet18_like(width=width)).eval()
@@ -123,15 +126,28 @@ def rewrite_section(batch: int = 8, repeats: int = 10, seed: int = 0, width: int
     result = convert_model(model, example)
     rewritten = result.program.module()
     x = torch.randn(batch, *shape[1:], generator=torch.Generator().manual_seed(seed + 1))
+    compiled = None
+    if compile_tvm:
+        from dcgraph.backends import tvm as dtvm
+
+        t0 = time.perf_counter()
+        compiled = dtvm.compile(result.program, "x86", x)
+        compile_s = time.perf_counter() - t0
+        with torch.no_grad():
+            tvm_error = float((compiled(x) - model(x)).abs().max() / model(x).abs().max())
     with torch.no_grad():
-        times = {"BatchNorm (original)": [], "Deep Control, fused (rewritten)": []}
+        times = {"BatchNorm (original), PyTorch": [], "Deep Control, fused, PyTorch": []}
         fns = dict(zip(times, (model, rewritten), strict=True))
-        for fn in fns.values():
-            fn(x)
+        if compiled is not None:
+            times["Deep Control, fused, TVM"] = []
+            fns["Deep Control, fused, TVM"] = lambda: compiled(x)
+        calls = {k: (fn if k.endswith("TVM") else (lambda fn=fn: fn(x))) for k, fn in fns.items()}
+        for fn in calls.values():
+            fn()
         for _ in range(repeats):
-            for name, fn in fns.items():
+            for name, fn in calls.items():
                 t0 = time.perf_counter()
-                fn(x)
+                fn()
                 times[name].append(1e3 * (time.perf_counter() - t0))
     lines = [
         f"== Rewrite: ResNet-18-like (BatchNorm, widths {width}..{8 * width}), input "
@@ -139,9 +155,14 @@ def rewrite_section(batch: int = 8, repeats: int = 10, seed: int = 0, width: int
         result.report.summary(),
         f"verified against the original: relative error {result.float64_error:.1e} (float64), "
         f"{result.float32_error:.1e} (float32)",
-        f"inference, batch {batch}, median of {repeats}:",
     ]
-    base = statistics.median(times["BatchNorm (original)"])
+    if compiled is not None:
+        lines += [
+            f"compiled through TVM for {compiled.summary()} in {compile_s:.1f} s",
+            f"verified TVM against the original PyTorch model: relative error {tvm_error:.1e} (float32)",
+        ]
+    lines.append(f"inference, batch {batch}, median of {repeats} interleaved runs:")
+    base = statistics.median(times["BatchNorm (original), PyTorch"])
     for name, ts in times.items():
         lines.append(f"  {name:<34}{statistics.median(ts):8.2f} ms  {statistics.median(ts) / base:5.2f}x")
     return "\n".join(lines)

@@ -25,6 +25,7 @@ def test_demo_runs_and_reports():
     res = _run("demo", "--batch", "2", "--size", "16", "--repeats", "2", "--no-progress")
     assert res.returncode == 0, res.stderr
     assert "outputs and all gradients agree" in res.stdout
+    assert "verified TVM against the original PyTorch model" in res.stdout
     for label in ("fused op", "plain ops", "BatchNorm"):
         assert label in res.stdout
 

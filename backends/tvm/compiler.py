@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -291,7 +292,9 @@ class RemoteModel:
         self.session = session
         with tempfile.TemporaryDirectory(prefix="dcgraph-rpc-") as tmp:
             if compiled.path is None:
-                lib = compiled.export(Path(tmp) / "model.so")
+                # a fresh name per upload: re-uploading over a library the server has loaded
+                # replaces a mapped file under it (its session dies with kShutdown)
+                lib = compiled.export(Path(tmp) / f"model-{uuid.uuid4().hex[:12]}.so")
                 compiled.path = None  # the temporary copy is not the model's home
             else:
                 lib = Path(compiled.path)

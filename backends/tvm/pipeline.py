@@ -48,7 +48,8 @@ class DefaultSchedule:
 
 def _tuned(func: tirx.PrimFunc) -> bool:
     attrs = func.attrs or {}
-    return bool(attrs.get("tir.is_scheduled", False)) and schedules.SCHEDULED not in attrs
+    scheduled = attrs.get("tirx.is_scheduled", attrs.get("tir.is_scheduled", False))  # 0.27 spells it tirx
+    return bool(scheduled) and schedules.SCHEDULED not in attrs
 
 
 def _backend(target: tvm.target.Target):

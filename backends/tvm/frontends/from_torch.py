@@ -51,7 +51,8 @@ def from_torch(program: torch.export.ExportedProgram, plan: str = "hoisted") -> 
             raise ImportError_("the program contains the training backward of the fused op; "
                                "export the model in eval mode under torch.no_grad()")
     try:
-        return from_exported_program(program, custom_convert_map={OP_NAME: _converter(plan)})
+        return from_exported_program(program, custom_convert_map={OP_NAME: _converter(plan)},
+                                     unwrap_unit_return_tuple=True)
     except KeyError as err:  # TVM's importer raises KeyError for an ATen op it has no converter for
         raise ImportError_(f"TVM's torch importer has no converter for {err}; "
                            "the op must be removed or rewritten before compiling") from None
