@@ -156,13 +156,16 @@ def attach_functions(model: ModelProto) -> ModelProto:
     return model
 
 
-def _schema(name: str, inputs: list[str], attrs: list[tuple[str, int]]) -> onnx.defs.OpSchema:
+def _schema(name: str, inputs: list[str], attrs: list[tuple[str, int]],
+            optional: tuple[str, ...] = ()) -> onnx.defs.OpSchema:
     from onnx.defs import OpSchema
 
     T = "T"
+    opt = OpSchema.FormalParameterOption
     return OpSchema(
         name, DOMAIN, VERSION,
-        inputs=[OpSchema.FormalParameter(i, T) for i in inputs],
+        inputs=[OpSchema.FormalParameter(i, T, "", param_option=opt.Optional if i in optional else opt.Single)
+                for i in inputs],
         outputs=[OpSchema.FormalParameter("Z", T)],
         type_constraints=[(T, ["tensor(float)", "tensor(double)", "tensor(float16)",
                                "tensor(bfloat16)"], "floating point")],
@@ -183,7 +186,8 @@ def register_schemas() -> None:
     act = [("activation", at.STRING), ("alpha", at.FLOAT)]
     conv = [("strides", at.INTS), ("pads", at.INTS), ("dilations", at.INTS), ("group", at.INT)]
     for schema in (_schema("DeepControl", ["Y", "A", "G", "Bo"], act),
-                   _schema("DeepControlConv", ["X", "W", "B", "A", "G", "Bo"], conv + act)):
+                   _schema("DeepControlConv", ["X", "W", "B", "A", "G", "Bo"], conv + act,
+                           optional=("B",))):  # the conv bias may be absent (input name "")
         if onnx.defs.has(schema.name, VERSION, DOMAIN):
             continue
         onnx.defs.register_schema(schema)

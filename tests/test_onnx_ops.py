@@ -89,3 +89,19 @@ def test_functions_in_older_opsets(opset):
         ref = R.conv_deep_control(t["x"], t["weight"], t["bias"], t["a"], t["g"], t["b"], act=act,
                                   **case.conv_kwargs())
         np.testing.assert_allclose(z, ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_bias_is_optional():
+    """DeepControlConv with no bias (input name ""): the schema allows it, the function runs it."""
+    case = CASES[0]
+    t = case.tensors(torch.float32)
+    model = _model(case, {**t, "bias": None}, case.act)
+    conv = model.graph.node[0]
+    conv.input[2] = ""
+    model.graph.initializer.remove(next(i for i in model.graph.initializer if i.name == "B"))
+    onnx_ops.register_schemas()
+    onnx_ops.check(model)
+    z, _ = _run(model, t["x"].numpy())
+    ref = R.conv_deep_control(t["x"], t["weight"], None, t["a"], t["g"], t["b"], act=case.act,
+                              negative_slope=0.1, **case.conv_kwargs())
+    np.testing.assert_allclose(z, ref.numpy(), rtol=1e-4, atol=1e-4)
