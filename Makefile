@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-slow lint bench bench-quick bench-train setup arm-setup clean
+.PHONY: run test test-slow lint bench bench-quick bench-train setup arm-setup gpu gpu-build clean
 
 run: $(STAMP)                  ## the main job on the built-in model
 	$(BIN)/dcgraph demo
@@ -32,6 +32,13 @@ bench-quick: $(STAMP)
 
 bench-train: $(STAMP)          ## the training study (about 20 min on 2 cores)
 	$(BIN)/python benchmarks/train_grid.py
+
+gpu: $(STAMP)                  ## on a machine with an NVIDIA GPU: CUDA correctness tests + kernel benchmark
+	$(BIN)/python -m pytest tests/backends/test_cuda_run.py
+	$(BIN)/python benchmarks/gpu_kernels.py
+
+gpu-build: $(STAMP)            ## compile the CUDA modules here for benchmarks/gpu_run.sh on a GPU machine
+	$(BIN)/python benchmarks/gpu_kernels.py build
 
 setup: $(STAMP)
 
