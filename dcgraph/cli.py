@@ -353,6 +353,10 @@ COMMANDS = {"demo": _demo, "convert": _convert, "onnx": _onnx, "train": _train,
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # torch.export's own deprecation noise (pytree LeafSpec) is not the user's concern
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -13,6 +13,7 @@ signature) and is loaded back with :func:`load`. For a target that runs elsewher
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -122,6 +123,18 @@ def _inputs_of(mod: tvm.IRModule) -> list[InputSpec]:
     return specs
 
 
+def prepare(model: Any, example_inputs: Any = None, *, plan: str = "hoisted", convert: bool = True,
+            fuse_plain: bool = True, shape: dict | None = None) -> tvm.IRModule:
+    """The Relax module :func:`compile` builds (and :func:`.tune.tune` extracts kernels from):
+    the model imported (dcgraph's passes first when ``convert``), plain-op Deep Control fused."""
+    mod = _import(model, _as_tuple(example_inputs), plan, convert, shape)
+    if fuse_plain:
+        from .fuse_plain import fuse_plain_deep_control
+
+        mod, _ = fuse_plain_deep_control(mod, plan=plan)
+    return mod
+
+
 def compile(
     model: Any, target: str | dict | tvm.target.Target | None = "x86",
     example_inputs: Any = None, *, plan: str = "hoisted", convert: bool = True,
@@ -131,20 +144,16 @@ def compile(
 
     ``example_inputs``: a tensor or tuple for a torch model (shapes are compiled in).
     ``convert``: run dcgraph's norm-to-Deep-Control passes first. ``fuse_plain``: fuse Deep
-    Control written as plain ops in Relax. ``database``: a MetaSchedule database (or a
-    directory holding one) whose records win over the default schedules.
+    Control written as plain ops in Relax. ``database``: a MetaSchedule database, or a directory:
+    one written by ``dcgraph tune`` (the sub-database for ``target`` is used) or a single
+    JSON database; its records win over the default schedules.
     """
     tgt = targets_.resolve(target)
-    example = _as_tuple(example_inputs)
-    mod = _import(model, example, plan, convert, shape)
-    if fuse_plain:
-        from .fuse_plain import fuse_plain_deep_control
-
-        mod, _ = fuse_plain_deep_control(mod, plan=plan)
+    mod = prepare(model, example_inputs, plan=plan, convert=convert, fuse_plain=fuse_plain, shape=shape)
     if isinstance(database, str | Path):
-        from tvm.s_tir import meta_schedule as ms
+        from .tune import open_database  # a tuning directory (one sub-database per target) or one database
 
-        database = ms.database.JSONDatabase(work_dir=str(database), allow_missing=False)
+        database = open_database(database, tgt)
     inputs = _inputs_of(mod)
     mod = optimize(mod, tgt, database)
     kernels = kernel_report(mod)
@@ -238,7 +247,8 @@ class CompiledModel:
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".dcgraph-") as tmp:
             lib = Path(tmp) / path.name
             kwargs = {"fcompile": fcompile} if fcompile is not None else {}
-            self.executable.export_library(str(lib), **kwargs)
+            with quiet_native_stderr():
+                self.executable.export_library(str(lib), **kwargs)
             side = Path(tmp) / (path.name + ".json")
             side.write_text(json.dumps(meta, indent=1))
             os.replace(side, str(path) + ".json")
@@ -249,6 +259,28 @@ class CompiledModel:
     def remote(self, session: Any) -> RemoteModel:
         """Run on a TVM RPC server (an ARM board, or dcgraph's emulated one): export, upload, load."""
         return RemoteModel(self, session)
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Hold back what TVM's C++ side writes to stderr (export and load log a "Scope Saving" /
+    "Scope Loaded" warning per constant); replay it if the block raises."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace")[-4000:])
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _target_json(target: tvm.target.Target) -> dict:
@@ -278,7 +310,8 @@ def load(path: str | os.PathLike) -> CompiledModel:
     if meta.get("format") != FORMAT:
         raise CompileError(f"{side} is not a dcgraph TVM library description (format {meta.get('format')!r})")
     target = tvm.target.Target(meta["target"])
-    ex = tvm.runtime.load_module(str(path))
+    with quiet_native_stderr():
+        ex = tvm.runtime.load_module(str(path))
     inputs = [InputSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in meta["inputs"]]
     kernels = [KernelInfo(**k) for k in meta["kernels"]]
     return CompiledModel(ex, target, inputs, kernels, str(path))
@@ -299,7 +332,8 @@ class RemoteModel:
             else:
                 lib = Path(compiled.path)
             session.upload(str(lib))
-            self.module = session.load_module(lib.name)
+            with quiet_native_stderr():
+                self.module = session.load_module(lib.name)
         self.dev = session.cuda(0) if compiled.target.kind.name == "cuda" else session.cpu(0)
         self.vm = relax.VirtualMachine(self.module, self.dev)
 

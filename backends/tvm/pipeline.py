@@ -56,8 +56,9 @@ def _backend(target: tvm.target.Target):
     return cuda_backend if target.kind.name == "cuda" else cpu_backend
 
 
-def optimize(mod: tvm.IRModule, target: tvm.target.Target, database=None) -> tvm.IRModule:
-    """Legalize, fuse and schedule ``mod`` (``database``: MetaSchedule records to apply first)."""
+def fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Legalize and fuse ``mod``: its PrimFuncs are then the kernels that get tuned or scheduled
+    (what :mod:`.tune` extracts as tasks, and what :func:`optimize` schedules)."""
     passes = [
         *_backend(target).library_dispatch_passes(target),
         relax.transform.LegalizeOps(),
@@ -67,7 +68,13 @@ def optimize(mod: tvm.IRModule, target: tvm.target.Target, database=None) -> tvm
         relax.transform.FuseTIR(),
     ]
     with target:
-        mod = tvm.transform.Sequential(passes)(mod)
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def optimize(mod: tvm.IRModule, target: tvm.target.Target, database=None) -> tvm.IRModule:
+    """Legalize, fuse and schedule ``mod`` (``database``: MetaSchedule records to apply first)."""
+    mod = fuse(mod, target)
+    with target:
         if database is not None:
             with database:
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
