@@ -50,7 +50,7 @@ from tvm.s_tir import Schedule
 from tvm.s_tir import dlight as dl
 
 from .lowering import KERNEL_ATTR
-from .schedules import SCHEDULED, find_conv_block
+from .schedules import SCHEDULED, conv_stages, find_conv_block
 
 IS_SCHEDULED = "tirx.is_scheduled"  # dlight's and MetaSchedule's mark (TVM 0.27 spelling)
 _IS_SCHEDULED_OLD = "tir.is_scheduled"
@@ -177,16 +177,10 @@ def _cooperative_fetch(sch: Schedule, block: s_tir.schedule.SBlockRV, depth: int
 def _apply_conv(sch: Schedule, tiling: ConvTiling) -> int | None:
     """Apply the conv schedule with ``tiling``; return the shared-memory bytes it uses, or None
     if ``sch`` has no convolution block it can handle."""
-    conv = find_conv_block(sch)
-    if conv is None:
+    stages = conv_stages(sch)
+    if stages is None:
         return None
-    root = sch.get_sblock("root")
-    blocks = list(sch.get_child_blocks(root))
-    names = [sch.get(b).name_hint for b in blocks]
-    idx = names.index(sch.get(conv).name_hint)
-    producers, consumers = blocks[:idx], blocks[idx + 1:]
-    for block in consumers[:-1]:
-        sch.compute_inline(block)
+    conv, producers, consumers = stages
     data_idx = _read_index(sch, conv, True)
     weight_idx = _read_index(sch, conv, False)
     if data_idx is None or weight_idx is None:

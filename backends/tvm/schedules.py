@@ -86,19 +86,28 @@ def _width_tile(extent: int | None, lanes: int) -> int:
     return extent if extent < lanes else 1
 
 
-def schedule_conv_cpu(sch: Schedule, lanes: int = 8) -> bool:
-    """Schedule the PrimFunc in ``sch`` if it holds a convolution block; return whether it did."""
+def conv_stages(sch: Schedule):
+    """``(conv, producers, consumers)`` of the PrimFunc in ``sch`` (None if it has no conv block),
+    with every stage after the conv but the last inlined into the last one (they are all
+    elementwise on the conv output: Deep Control's epilogue, a fused residual add, relu)."""
     conv = find_conv_block(sch)
     if conv is None:
-        return False
-    root = sch.get_sblock("root")
-    blocks = list(sch.get_child_blocks(root))
+        return None
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
     names = [sch.get(b).name_hint for b in blocks]
     idx = names.index(sch.get(conv).name_hint)
     producers, consumers = blocks[:idx], blocks[idx + 1:]
-    # Fold every stage after the conv into the last one (all elementwise on the conv output).
     for block in consumers[:-1]:
         sch.compute_inline(block)
+    return conv, producers, consumers[-1:]
+
+
+def schedule_conv_cpu(sch: Schedule, lanes: int = 8) -> bool:
+    """Schedule the PrimFunc in ``sch`` if it holds a convolution block; return whether it did."""
+    stages = conv_stages(sch)
+    if stages is None:
+        return False
+    conv, producers, consumers = stages
     # A conv with no epilogue writes its output through a register tile too.
     out = consumers[-1] if consumers else sch.cache_write(conv, 0, "local")
 
