@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-slow lint bench bench-quick bench-train setup arm-setup gpu gpu-build clean
+.PHONY: run test test-slow lint bench bench-quick bench-train bench-fusion bench-fusion-gpu-build setup arm-setup gpu gpu-build clean
 
 run: $(STAMP)                  ## the main job on the built-in model
 	$(BIN)/dcgraph demo
@@ -23,12 +23,21 @@ bench: $(STAMP)                ## benchmarks, results in benchmarks/results/
 	$(BIN)/python benchmarks/op_speed.py
 	$(BIN)/python benchmarks/saved_memory.py
 	$(BIN)/python benchmarks/tvm_kernels.py
+	$(BIN)/python benchmarks/tune_curve.py   # ~20 min: MetaSchedule on 3 layers, up to 256 trials
 
 bench-quick: $(STAMP)
+	$(BIN)/dcgraph bench all --quick
 	$(BIN)/python benchmarks/op_speed.py --quick
 	$(BIN)/python benchmarks/saved_memory.py --quick
 	$(BIN)/python benchmarks/train_grid.py --quick
 	$(BIN)/python benchmarks/tvm_kernels.py --quick
+	$(BIN)/python benchmarks/tune_curve.py --quick --no-progress
+
+bench-fusion: $(STAMP)         ## the fusion suite: op, model, train (+ gpu where present); ~20-30 min on 2 cores
+	$(BIN)/dcgraph bench all $(if $(DB),--db $(DB))
+
+bench-fusion-gpu-build: $(STAMP)  ## the suite's TVM CUDA modules for benchmarks/suite/gpu_run.sh on a GPU machine
+	$(BIN)/dcgraph bench gpu --gpu-mode build
 
 bench-train: $(STAMP)          ## the training study (about 20 min on 2 cores)
 	$(BIN)/python benchmarks/train_grid.py

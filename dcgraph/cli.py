@@ -25,6 +25,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dcgraph", description=DESCRIPTION,
@@ -137,6 +144,51 @@ def build_parser() -> argparse.ArgumentParser:
                     help="for arm: run the compiled model on the emulated ARM RPC server and compare")
     cp.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch")
 
+    tu = sub.add_parser(
+        "tune", help="autotune a model's kernels with MetaSchedule (here, or on devices over TVM RPC)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Import MODEL as `compile` does, extract its kernels (the fused Deep Control "
+                    "kernels and TVM's own), spread TRIALS across them by FLOPs (at least --min-trials "
+                    "each; kernels under 1%% of the FLOPs keep the default schedule) and tune them with "
+                    "MetaSchedule, with a progress bar. Every measured candidate is first checked "
+                    "against the kernel's reference on fixed inputs (wrong results are reported and "
+                    "never used) and stored in DB/<target key>/ as it is measured. Prints a table of "
+                    "the tasks: trials, best time, default-schedule time, what compile will use.",
+        epilog="TRIALS is the total for the model, and a target: trials already in the database "
+               "count, so running the same command again\nresumes an interrupted run (Ctrl-C or a "
+               "killed process keeps every measured trial) and a larger TRIALS spends the difference.\n"
+               "--rpc HOST:PORT --key NAME: build here, measure on the devices registered with a TVM "
+               "RPC tracker, e.g.\n"
+               "  python -m tvm.exec.rpc_tracker --host 127.0.0.1 --port 9190 --port-end 9191\n"
+               "  python -m tvm.exec.rpc_server --tracker 127.0.0.1:9190 --key x86   (on each device)\n"
+               "  dcgraph tune resnet18 --trials 200 --rpc 127.0.0.1:9190 --key x86\n"
+               "For --target arm, the emulated arm64 server of dcgraph.backends.tvm.emulation "
+               "registers the same way (ArmRpcServer(tracker=..., key=...)).\n"
+               "Cost model: XGBoost when xgboost is installed, else random (said in the output).\n"
+               "Then: dcgraph compile MODEL --target TARGET --db DB uses the records "
+               "(its summary counts the tuned kernels).")
+    tu.add_argument("model", metavar="MODEL",
+                    help="as for compile: built-in name, module:factory, .pt2, .onnx")
+    tu.add_argument("--target", default="x86", help="x86 | arm | JSON dict | 'llvm -mcpu=...' (default x86)")
+    tu.add_argument("--trials", type=_non_negative, required=True, metavar="TRIALS",
+                    help="total trials for the model (a target, see below)")
+    tu.add_argument("--min-trials", type=_positive, default=8, metavar="N",
+                    help="trials every tuned kernel gets at least (default 8)")
+    tu.add_argument("--kernels", metavar="NAME,...",
+                    help="tune only these kernels (names as in the table; default: all worth tuning)")
+    tu.add_argument("--db", default="tuning-db", metavar="DIR",
+                    help="tuning database directory, one sub-database per target (default ./tuning-db)")
+    tu.add_argument("--rpc", metavar="HOST:PORT", help="TVM RPC tracker to measure on")
+    tu.add_argument("--key", metavar="NAME", help="device key at the tracker")
+    tu.add_argument("--input-shape", metavar="N,C,H,W", help="input shape (default: the model's)")
+    tu.add_argument("--plan", choices=["hoisted", "two_pass"], default="hoisted",
+                    help="fused kernel form, as for compile (default hoisted)")
+    tu.add_argument("--cost-model", choices=["auto", "xgb", "random"], default="auto",
+                    help="MetaSchedule cost model (default auto: xgb if installed, else random)")
+    tu.add_argument("--no-convert", action="store_true", help="tune as is (no norm conversion)")
+    tu.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tu.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+
     tr = sub.add_parser(
         "train", help="train a small CNN on the digits data with a chosen normalisation",
         description="Train a small CNN on scikit-learn's handwritten digits (no download; 80/20 "
@@ -153,7 +205,36 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, help="default: by batch size (1: 0.005, 4: 0.02, 32: 0.05)")
     tr.add_argument("--json", metavar="PATH", help="write the result (with the accuracy curve)")
     tr.add_argument("--threads", type=_positive, default=2)
+
+    bench = sub.add_parser(
+        "bench", help="the operator fusion benchmark suite: dcgraph against the peers, side by side",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Op level (conv + Deep Control + act on ResNet-18, MobileNetV2 and EfficientNet-B0 "
+                    "shapes: PyTorch, torch.compile, ONNX Runtime, TVM, dcgraph's fused paths), model "
+                    "level (whole models), training level (time, saved bytes, peak RSS), GPU level. "
+                    "Every row is checked against the reference before it is timed.",
+        epilog="Results: benchmarks/results/fusion_<level>[_quick].{json,md,png}. Needs a source "
+               "checkout (the benchmarks/ folder). See benchmarks/suite/__init__.py.")
+    _bench_arguments(bench)
     return parser
+
+
+def _suite_dir() -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "suite")
+
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    """The suite's own options (benchmarks/suite/__main__.py), where the checkout has it."""
+    import importlib.util
+
+    path = os.path.join(_suite_dir(), "__main__.py")
+    if not os.path.isfile(path):
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        return
+    spec = importlib.util.spec_from_file_location("_dcgraph_bench_args", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.add_arguments(p)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -285,35 +366,39 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tvm_model(spec: str, input_shape: str | None) -> tuple[object, tuple[int, ...]]:
+    """(model, input shape) for compile / tune: a built-in or module:factory model (eval mode),
+    a .pt2 program (needs the shape) or an .onnx model (its shape, or ``input_shape`` for symbolic dims)."""
+    from dcgraph.backends.tvm import compiler
+    from dcgraph.models import load_model, parse_shape
+
+    override = parse_shape(input_shape) if input_shape else None
+    if spec.endswith((".onnx", ".pt2")):
+        if not os.path.isfile(spec):
+            raise ValueError(f"no such file: {spec}")
+        if spec.endswith(".onnx"):
+            from dcgraph.onnx_tools import load_checked
+
+            model = load_checked(spec)
+            return model, compiler.onnx_input_shape(model, override)
+        if override is None:
+            raise ValueError("a .pt2 program needs --input-shape (the shape it was exported with)")
+        return spec, override
+    model, default_shape = load_model(spec)
+    return model.eval(), override or default_shape or (1, 3, 224, 224)
+
+
 def _compile(args: argparse.Namespace) -> int:
     import statistics
 
     import torch
 
     from dcgraph.backends.tvm import compiler, targets
-    from dcgraph.models import load_model, parse_shape
 
     if args.output and not args.output.endswith(".so"):
         raise ValueError(f"--output {args.output!r}: the library must end in .so")
     target = targets.resolve(args.target)
-    override = parse_shape(args.input_shape) if args.input_shape else None
-    if args.model.endswith((".onnx", ".pt2")):
-        if not os.path.isfile(args.model):
-            raise ValueError(f"no such file: {args.model}")
-        if args.model.endswith(".onnx"):
-            from dcgraph.onnx_tools import load_checked
-
-            model = load_checked(args.model)
-            shape = compiler.onnx_input_shape(model, override)
-        else:
-            model = args.model
-            if override is None:
-                raise ValueError("a .pt2 program needs --input-shape (the shape it was exported with)")
-            shape = override
-    else:
-        model, default_shape = load_model(args.model)
-        model = model.eval()
-        shape = override or default_shape or (1, 3, 224, 224)
+    model, shape = _tvm_model(args.model, args.input_shape)
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     print(f"compiling {args.model} {tuple(shape)} for {targets.describe(target)} ...", file=sys.stderr)
     compiled = compiler.compile(model, target, example, plan=args.plan, convert=not args.no_convert,
@@ -348,8 +433,61 @@ def _compile(args: argparse.Namespace) -> int:
         print(f"wrote {args.output} (+ {os.path.basename(args.output)}.json)")
     return 0
 
+
+def _tune(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from dcgraph.backends.tvm import targets
+    from dcgraph.backends.tvm.tune import TuneError, tune
+
+    if (args.rpc is None) != (args.key is None):
+        raise ValueError("--rpc HOST:PORT and --key NAME go together")
+    target = targets.resolve(args.target)
+    model, shape = _tvm_model(args.model, args.input_shape)
+    example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    where = f"devices {args.key!r} of tracker {args.rpc}" if args.rpc else "this machine"
+    print(f"tuning {args.model} {tuple(shape)} for {targets.describe(target)} on {where}: "
+          f"{args.trials} trials, database {args.db}", file=sys.stderr)
+    try:
+        report = tune(model, target, example, trials=args.trials, db=args.db, rpc=args.rpc, key=args.key,
+                      cost_model=args.cost_model, progress=not args.no_progress and sys.stderr.isatty(),
+                      convert=not args.no_convert, plan=args.plan, min_trials=args.min_trials,
+                      kernels=args.kernels.split(",") if args.kernels else None)
+    except TuneError as e:
+        if e.report is not None:
+            print(e.report.table())
+        raise
+    print(report.table())
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+        os.replace(tmp, args.json)
+    if report.interrupted:
+        print("interrupted: every measured trial is kept; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    print(f"use the records: dcgraph compile {args.model} --target {args.target} --db {args.db}",
+          file=sys.stderr)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    suite = _suite_dir()
+    if not os.path.isdir(suite):
+        raise ValueError(f"dcgraph bench needs a source checkout: {suite} does not exist")
+    root = os.path.dirname(os.path.dirname(suite))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.suite.__main__ import run
+
+    return run(args)
+
+
 COMMANDS = {"demo": _demo, "convert": _convert, "onnx": _onnx, "train": _train,
-            "compile": _compile}
+            "compile": _compile, "tune": _tune, "bench": _bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,242 @@
+"""TVM RPC plumbing for tuning on remote devices: tracker queries that never hang, and the
+tracker / server processes dcgraph starts itself (tests, benchmarks, a quick local fleet).
+
+A fleet is TVM's stock pieces: ``python -m tvm.exec.rpc_tracker`` on one machine and
+``python -m tvm.exec.rpc_server --tracker HOST:PORT --key NAME`` on every device (the
+emulated arm64 server of :mod:`.emulation` registers the same way). :mod:`.tune` builds
+kernels on this machine and asks the tracker for a device of the key for each measurement.
+
+TVM's own client blocks where a tuning loop must not: ``connect_tracker`` retries a refused
+connection for a minute and ``TrackerSession.request`` waits forever while no server of the key
+is free. :func:`request_session` asks the tracker's summary first (a socket with a timeout),
+fails at once when no server of the key is registered, and gives up on a request that is not
+served within ``timeout`` seconds. Errors are :class:`DeviceUnavailable`, one line each.
+
+:class:`Tracker` and :class:`Server` start the stock modules as subprocesses (each its own
+process group, killed on exit) and listen on 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DeviceUnavailable", "Server", "Tracker", "count_servers", "parse_address", "request_session",
+           "tracker_summary"]
+
+
+class DeviceUnavailable(RuntimeError):
+    """No device of the key can be reached through the tracker; ``str(exc)`` is one line."""
+
+
+def parse_address(addr: str) -> tuple[str, int]:
+    """``"host:port"`` -> ``(host, port)``."""
+    host, sep, port = str(addr).rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"an RPC tracker address is 'host:port', got {addr!r}")
+    return host, int(port)
+
+
+def tracker_summary(host: str, port: int, timeout: float = 5.0) -> dict[str, Any]:
+    """The tracker's summary (``queue_info``, ``server_info``) over a socket with a timeout."""
+    from tvm.rpc import base
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+            if struct.unpack("<i", base.recvall(sock, 4))[0] != base.RPC_TRACKER_MAGIC:
+                raise DeviceUnavailable(f"{host}:{port} answers, but is not a TVM RPC tracker")
+            base.sendjson(sock, [base.TrackerCode.SUMMARY])
+            code, summary = base.recvjson(sock)
+    except (OSError, struct.error) as exc:
+        raise DeviceUnavailable(f"RPC tracker {host}:{port} is not reachable ({exc})") from None
+    if code != base.TrackerCode.SUCCESS:
+        raise DeviceUnavailable(f"RPC tracker {host}:{port} refused a summary (code {code})")
+    return summary
+
+
+def count_servers(summary: dict[str, Any], key: str) -> int:
+    """How many servers of ``key`` are registered (free or busy) in a tracker summary."""
+    return sum(1 for info in summary.get("server_info", [])
+               if str(info.get("key", "")).partition(":")[2] == key)
+
+
+def request_session(host: str, port: int, key: str, *, timeout: float = 60.0,
+                    session_timeout: float = 0) -> Any:
+    """A ``tvm.rpc`` session on a device of ``key``: fails at once when the tracker is down or
+    has no server of the key, and after ``timeout`` seconds when none becomes free."""
+    from tvm import rpc
+
+    summary = tracker_summary(host, port)
+    if count_servers(summary, key) == 0:
+        keys = sorted({str(i.get("key", "")).partition(":")[2] for i in summary.get("server_info", [])})
+        raise DeviceUnavailable(f"no RPC server with key {key!r} is registered at tracker {host}:{port} "
+                                f"(registered keys: {', '.join(keys) or 'none'})")
+    box: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            box["session"] = rpc.connect_tracker(host, port).request(
+                key, priority=1, session_timeout=session_timeout, max_retry=2)
+        except Exception as exc:  # reported below, in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise DeviceUnavailable(f"no server with key {key!r} became free at tracker {host}:{port} "
+                                f"within {timeout:.0f} s")
+    if "error" in box:
+        last = [ln for ln in str(box["error"]).strip().splitlines() if ln.strip()]
+        raise DeviceUnavailable(f"cannot open a session on a {key!r} device via {host}:{port}: "
+                                f"{last[-1] if last else type(box['error']).__name__}")
+    return box["session"]
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class _Process:
+    """A stock TVM RPC module run as a subprocess in its own process group, output in a log file."""
+
+    name = "process"
+
+    def __init__(self, host: str, port: int | None, timeout: float) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._logdir: Path | None = None
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def log(self) -> str:
+        try:
+            return (self._logdir / "log.txt").read_text(errors="replace") if self._logdir else ""
+        except OSError:
+            return ""
+
+    def start(self) -> None:
+        if self.proc is not None:
+            return
+        if self.port is None:
+            self.port = _free_port(self.host)
+        self._logdir = Path(tempfile.mkdtemp(prefix=f"dcgraph-{self.name}-"))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(self._logdir / "log.txt", "wb") as logf:
+            self.proc = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, stdout=logf,
+                                         stderr=subprocess.STDOUT, cwd=self._logdir, env=env,
+                                         start_new_session=True)
+        deadline = time.monotonic() + self.timeout
+        while not self._ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = " | ".join(self.log().strip().splitlines()[-3:])
+                self.stop()
+                raise DeviceUnavailable(f"the RPC {self.name} on {self.host}:{self.port} did not start: "
+                                        f"{tail}")
+            time.sleep(0.2)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the process group (the server's forked session workers too), keep the log."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(5)
+                    break
+        if self._logdir is not None:
+            shutil.rmtree(self._logdir, ignore_errors=True)
+            self._logdir = None
+
+
+class Tracker(_Process):
+    """``python -m tvm.exec.rpc_tracker`` on ``host:port`` (127.0.0.1 and a free port by default)."""
+
+    name = "tracker"
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None, timeout: float = 30.0) -> None:
+        super().__init__(host, port, timeout)
+
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", self.host, "--port", str(self.port),
+                "--port-end", str(self.port + 1)]
+
+    def _ready(self) -> bool:
+        try:
+            tracker_summary(self.host, self.port, timeout=1)
+        except DeviceUnavailable:
+            return False
+        return True
+
+    def summary(self) -> dict[str, Any]:
+        return tracker_summary(self.host, self.port)
+
+
+class Server(_Process):
+    """``python -m tvm.exec.rpc_server`` registered with ``tracker`` under ``key`` (this machine's CPU).
+
+    :meth:`sessions` counts the sessions it served, from its log."""
+
+    name = "server"
+
+    def __init__(self, tracker: str, key: str, host: str = "127.0.0.1", port: int | None = None,
+                 timeout: float = 60.0) -> None:
+        super().__init__(host, port, timeout)
+        self.tracker = parse_address(tracker)
+        self.key = key
+
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "tvm.exec.rpc_server", "--host", self.host, "--port", str(self.port),
+                "--port-end", str(self.port + 1), "--tracker", f"{self.tracker[0]}:{self.tracker[1]}",
+                "--key", self.key]
+
+    def _ready(self) -> bool:
+        try:
+            summary = tracker_summary(*self.tracker, timeout=1)
+        except DeviceUnavailable:
+            return False
+        return any(int((i.get("addr") or [None, 0])[1] or 0) == self.port
+                   and str(i.get("key", "")).partition(":")[2] == self.key
+                   for i in summary.get("server_info", []))
+
+    def sessions(self) -> int:
+        return self.log().count("connected from")

@@ -1,0 +1,263 @@
+"""Model level: whole models converted to Deep Control, inference through every path.
+
+The built-in ResNet-18-like and MobileNetV2-like models (``dcgraph.zoo``; BatchNorm with
+non-trivial statistics) are converted to Deep Control with the exact ``preserve`` init, so
+every Deep Control row must reproduce the BatchNorm model's output (checked in float64,
+relative tolerance 1e-3 for float32 through ~20 layers) before it is timed.
+
+| key | what | family |
+|---|---|---|
+| ``bn_eager`` | the original BatchNorm model, PyTorch eager | baseline |
+| ``bn_ort`` | the original BatchNorm model in ONNX Runtime (which folds BN into the conv) | baseline |
+| ``plain_eager`` | Deep Control as plain ops (``dcgraph.passes.fx`` convert, not fused), eager | peer |
+| ``fused_eager`` | dcgraph's fused op (convert + fuse), eager | dcgraph |
+| ``inductor`` | ``torch.compile`` (inductor) of the plain-ops model | peer |
+| ``ort_plain`` | the plain-ops model exported to ONNX, ONNX Runtime | peer |
+| ``ort_function`` | the fused model exported with ``DeepControlConv`` functions, ONNX Runtime | dcgraph |
+| ``tvm_unfused`` | the plain-ops model through TVM, Deep Control left to TVM's own fusion | peer |
+| ``tvm_fused`` | ``dcgraph.backends.tvm.compile`` (dcgraph's fused kernels, default schedules) | dcgraph |
+| ``tvm_tuned`` | the same with tuned records from ``--db DIR`` | dcgraph |
+
+*Baseline*: the fastest BatchNorm row, the cost of the model users have today (at
+inference BatchNorm folds into the conv, so it is the model's conv-alone floor).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from typing import Any
+
+import torch
+
+from dcgraph import zoo
+
+from . import harness as H
+from .op_level import ort_session, tune_available
+
+ROWS: dict[str, tuple[str, str]] = {
+    "bn_eager": ("BatchNorm model, PyTorch eager", "floor"),
+    "bn_ort": ("BatchNorm model, ONNX Runtime (BN folded)", "floor"),
+    "plain_eager": ("DC plain ops, PyTorch eager", "peer"),
+    "fused_eager": ("DC fused op, PyTorch eager", "dcgraph"),
+    "inductor": ("DC plain ops, torch.compile (inductor)", "peer"),
+    "ort_plain": ("DC plain ops, ONNX Runtime", "peer"),
+    "ort_function": ("DC DeepControlConv functions, ONNX Runtime", "dcgraph"),
+    "tvm_unfused": ("DC plain ops, TVM's own fusion", "peer"),
+    "tvm_fused": ("dcgraph TVM, untuned", "dcgraph"),
+    "tvm_tuned": ("dcgraph TVM, tuned", "dcgraph"),
+}
+FAMILY = {k: fam for k, (_, fam) in ROWS.items()}
+# name -> (factory, width full, width quick, description)
+MODELS = {
+    "resnet18": (zoo.resnet18_like, 64, 16, "ResNet-18-like (widths 64..512: ResNet-18's)"),
+    "mobilenet_v2": (zoo.mobilenet_v2_like, 16, 8, "MobileNetV2-like (5 inverted residuals, widths 32..128)"),
+}
+
+
+class _Model:
+    """One model's variants, built once and shared by its batch sizes (exports are slow)."""
+
+    def __init__(self, name: str, width: int, size: int, threads: int, target: Any, db: str | None,
+                 quick: bool, tune_trials: int = 0) -> None:
+        from dcgraph.passes.fx import rewrite
+
+        self.name, self.size, self.threads, self.quick = name, size, threads, quick
+        self.target, self.db, self.tune_trials = target, db, tune_trials
+        torch.manual_seed(0)
+        self.bn = zoo.randomize_norm_stats(MODELS[name][0](width=width)).eval()
+        self.bn64 = copy.deepcopy(self.bn).double()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.fused, self.report = rewrite(self.bn)
+            self.plain, _ = rewrite(self.bn, fuse_blocks=False)
+        self.fused.eval()
+        self.plain.eval()
+        self._onnx: dict[str, Any] = {}
+        self.info: dict[str, Any] = {"rewrites": self.report.summary().splitlines()[0]}
+
+    def example(self, batch: int) -> torch.Tensor:
+        return torch.randn(batch, 3, self.size, self.size, generator=torch.Generator().manual_seed(batch))
+
+    def onnx(self, kind: str, x: torch.Tensor):
+        if kind not in self._onnx:
+            from dcgraph.onnx_export import export_onnx
+
+            module = {"bn": self.bn, "plain": self.plain, "function": self.fused}[kind]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t0 = time.perf_counter()
+                self._onnx[kind] = export_onnx(module, x)  # dynamic batch: one export for every batch
+                self.info[f"onnx_export_{kind}_s"] = round(time.perf_counter() - t0, 1)
+        return self._onnx[kind]
+
+    def ort(self, kind: str, x: torch.Tensor):
+        import importlib.util
+
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise H.Skipped("onnxruntime is not installed (pip install dcgraph[onnx])")
+        sess = ort_session(self.onnx(kind, x), self.threads)
+        name = sess.get_inputs()[0].name
+        feed = {name: x.numpy()}
+        return lambda: sess.run(None, feed)
+
+    def tvm(self, kind: str, x: torch.Tensor, info: dict):
+        from dcgraph.backends.tvm import compiler
+
+        t0 = time.perf_counter()
+        if kind == "unfused":
+            with torch.no_grad():
+                program = torch.export.export(self.plain, (x,))
+            compiled = compiler.compile(program, self.target, x, convert=False, fuse_plain=False)
+        else:
+            db = None
+            if kind == "tuned":
+                if not tune_available():
+                    raise H.NotYet("autotuning (issue 6, backends/tvm/tune.py) is not there yet")
+                if not self.db:
+                    raise H.NotYet("no tuning database: pass --db DIR (written by dcgraph tune)")
+                db = self.db
+                if self.tune_trials:
+                    from dcgraph.backends.tvm.tune import tune
+
+                    tune(self.bn, self.target, x, trials=self.tune_trials, db=db, progress=False)
+                    info["tune_s"] = round(time.perf_counter() - t0, 1)
+            try:
+                compiled = compiler.compile(self.bn, self.target, x, database=db)
+            except compiler.CompileError as e:
+                if "no tuning records" in str(e):
+                    raise H.NotYet(str(e)) from None
+                raise
+        info["compile_s"] = round(time.perf_counter() - t0, 1)
+        info["kernels"] = compiled.summary()
+        if kind == "tuned" and not any(k.schedule == "tuned" for k in compiled.kernels):
+            raise H.NotYet(f"no tuned record for this model's kernels in {self.db} (dcgraph tune)")
+        import tvm
+
+        fn = compiled.vm()["main"]
+        tx = tvm.runtime.tensor(x.numpy(), compiled.device())
+        return lambda: fn(tx)
+
+    def inductor(self, x: torch.Tensor, info: dict):
+        if self.quick:
+            raise H.Skipped("--quick: whole-model torch.compile takes 20-60 s cold")
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        compiled = torch.compile(self.plain, backend="inductor", dynamic=False)
+        t0 = time.perf_counter()
+        compiled(x)
+        info["compile_s"] = round(time.perf_counter() - t0, 1)
+        return lambda: compiled(x)
+
+    def candidates(self, batch: int, only: list[str] | None = None) -> list[H.Candidate]:
+        x = self.example(batch)
+        with torch.no_grad():
+            want = self.bn64(x.double()).numpy()
+        infos: dict[str, dict] = {k: {} for k in ROWS}
+        build = {
+            "bn_eager": lambda: lambda: self.bn(x),
+            "bn_ort": lambda: self.ort("bn", x),
+            "plain_eager": lambda: lambda: self.plain(x),
+            "fused_eager": lambda: lambda: self.fused(x),
+            "inductor": lambda: self.inductor(x, infos["inductor"]),
+            "ort_plain": lambda: self.ort("plain", x),
+            "ort_function": lambda: self.ort("function", x),
+            "tvm_unfused": lambda: self.tvm("unfused", x, infos["tvm_unfused"]),
+            "tvm_fused": lambda: self.tvm("fused", x, infos["tvm_fused"]),
+            "tvm_tuned": lambda: self.tvm("tuned", x, infos["tvm_tuned"]),
+        }
+        return [H.Candidate(k, fn, want, tol=1e-3, info=infos[k]) for k, fn in build.items()
+                if only is None or k in only]
+
+
+def ratios(rows: dict[str, dict]) -> dict[str, Any]:
+    def best(fam: str) -> tuple[float, str] | None:
+        ok = [(r["median_ms"], k) for k, r in rows.items()
+              if FAMILY.get(k) == fam and r.get("status") == H.OK]
+        return min(ok) if ok else None
+
+    out: dict[str, Any] = {}
+    floor, peer, dc = best("floor"), best("peer"), best("dcgraph")
+    out.update(floor=floor and floor[1], best_peer=peer and peer[1], best_dcgraph=dc and dc[1])
+    if floor:
+        for r in rows.values():
+            if r.get("status") == H.OK:
+                r["vs_floor"] = r["median_ms"] / floor[0]
+        if dc:
+            out["dcgraph_vs_floor"] = dc[0] / floor[0]
+        if peer:
+            out["peer_vs_floor"] = peer[0] / floor[0]
+    if dc and peer:
+        out["dcgraph_vs_peer"] = dc[0] / peer[0]
+    return out
+
+
+def markdown(recs: list[dict], head: str, repeats: int, command: str) -> str:
+    keys = list(ROWS)
+    lines = [
+        f"Model level: inference latency, fp32. {head} Median ms of {repeats} interleaved runs "
+        f"(± half the IQR); each row checked against the BatchNorm model in float64 first. "
+        f"Baseline = the faster BatchNorm row. Command: `{command}`.",
+        "",
+        "| model | input | " + " | ".join(ROWS[k][0] for k in keys)
+        + " | dcgraph best / baseline | dcgraph best / best peer |",
+        "|---|---|" + "---|" * len(keys) + "---|---|",
+    ]
+    for r in recs:
+        cells = [H.fmt_ms(r["rows"][k]) if k in r["rows"] else "-" for k in keys]
+        dvf = (f"{r['dcgraph_vs_floor']:.2f}x ({ROWS[r['best_dcgraph']][0]})" if "dcgraph_vs_floor" in r
+               else "-")
+        dvp = f"{r['dcgraph_vs_peer']:.2f}x ({ROWS[r['best_peer']][0]})" if "dcgraph_vs_peer" in r else "-"
+        lines.append(f"| {r['model']} | {r['input']} | " + " | ".join(cells) + f" | {dvf} | {dvp} |")
+    lines.append("")
+    for r in recs:
+        for k, row in r["rows"].items():
+            if row.get("status") != H.OK:
+                lines.append(f"- {row['status']}: {ROWS[k][0]} on {r['model']} {r['input']}: {row['why']}")
+        if "kernels" in r["rows"].get("tvm_fused", {}):
+            lines.append(f"- {r['model']} {r['input']}: TVM {r['rows']['tvm_fused']['kernels']}")
+    return "\n".join(lines)
+
+
+def run(quick: bool = False, threads: int = 2, repeats: int | None = None, db: str | None = None,
+        models: list[str] | None = None, batches: list[int] | None = None, size: int | None = None,
+        width: int | None = None, only: list[str] | None = None, write: bool = True, progress: bool = True,
+        command: str = "dcgraph bench model", tune_trials: int = 0) -> dict:
+    """The model level; writes ``results/fusion_model[_quick].{json,md}`` when ``write``."""
+    H.set_threads(threads)
+    from dcgraph.backends.tvm import targets
+
+    target = targets.resolve({"kind": "llvm", "mcpu": targets.host_cpu(), "num-cores": threads})
+    repeats = repeats or (3 if quick else 10)
+    size = size or (64 if quick else 224)
+    names = models or (["resnet18"] if quick else list(MODELS))
+    batches = batches or ([1] if quick else [1, 8])
+    recs = []
+    t0 = time.perf_counter()
+    for name in names:
+        width = width or MODELS[name][2 if quick else 1]
+        m = _Model(name, width, size, threads, target, db, quick, tune_trials)
+        for batch in batches:
+            rows = H.check_and_time(m.candidates(batch, only), repeats, block_ms=0.0, warmup=1)
+            rec = {"model": name, "description": MODELS[name][3], "width": width, "batch": batch,
+                   "input": f"{batch}x3x{size}x{size}", "rows": rows, **m.info}
+            rec.update(ratios(rows))
+            recs.append(rec)
+            if progress:
+                best = (f"dcgraph best / baseline {rec['dcgraph_vs_floor']:.2f}x" if "dcgraph_vs_floor" in rec
+                        else "no dcgraph row timed")
+                print(f"[model {time.perf_counter() - t0:6.1f}s] {name} b{batch}: {best}", flush=True)
+    info, head = H.header(threads)
+    info["tvm_target"] = targets.describe(target)
+    data = {"level": "model", "quick": quick, "repeats": repeats, "db": db, "machine": info,
+            "rows": {k: {"label": v[0], "family": v[1]} for k, v in ROWS.items()}, "cases": recs,
+            "seconds": round(time.perf_counter() - t0, 1), "command": command}
+    md = markdown(recs, head, repeats, command)
+    if write:
+        name = H.stem("model", quick)
+        H.write_results(name, data, md)
+        data["files"] = [f"{name}.json", f"{name}.md"]
+    data["markdown"] = md
+    return data

@@ -1,0 +1,279 @@
+"""MetaSchedule tuning (dcgraph.backends.tvm.tune): records, resume, reuse by compile, RPC, failures.
+
+One conv -> BatchNorm -> relu block (8 -> 8 channels, 8x8 input) gives two fused Deep Control
+kernels (the hoisted shift and the conv with its epilogue); a few trials each keep the module
+around two and a half minutes on two cores. The ARM round trip (emulated device) is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dcgraph.backends.tvm import compile as tvm_compile
+from dcgraph.backends.tvm import targets
+from dcgraph.backends.tvm.compiler import CompileError
+from dcgraph.backends.tvm.tune import (
+    TuneError,
+    database_dir,
+    open_database,
+    split_budget,
+    target_key,
+    tune,
+)
+from dcgraph.cli import main as cli_main
+from dcgraph.zoo import randomize_norm_stats
+
+SHAPE = (1, 8, 8, 8)
+TARGET = targets.resolve("x86")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def block() -> nn.Module:
+    """The model under test (also loaded by the CLI as tests.backends.test_tune:block)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+    return randomize_norm_stats(model).eval()
+
+
+def example() -> torch.Tensor:
+    return torch.randn(*SHAPE, generator=torch.Generator().manual_seed(1))
+
+
+def records(db: Path) -> list[list]:
+    """Every line of the target's tuning-record file, parsed (fails on a damaged line)."""
+    path = database_dir(db, TARGET) / "database_tuning_record.json"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def valid(recs: list[list]) -> list[list]:
+    return [r for r in recs if min(r[1][1]) < 1e9]
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """One local tuning run: 8 trials, 4 per kernel."""
+    db = tmp_path_factory.mktemp("tune") / "db"
+    report = tune(block(), TARGET, example(), trials=8, db=db, progress=False, min_trials=4)
+    return db, report
+
+
+def test_split_budget_gives_the_minimum_first_then_by_cost():
+    budget = split_budget([100.0, 10.0, 1.0], 40, 8)
+    assert sum(budget) == 40 and min(budget) >= 8 and budget[0] > budget[1] >= budget[2]
+    assert split_budget([100.0, 10.0, 1.0], 16, 8) == [8, 8, 0]  # the costliest get their minimum
+    assert split_budget([5.0], 3, 8) == [3]
+    assert split_budget([1.0, 1.0], 0, 8) == [0, 0]
+
+
+def test_target_keys_separate_targets():
+    assert target_key("x86").startswith("llvm-x86_64-")
+    assert target_key("arm") == "llvm-aarch64-cortex-a72-neon"
+    assert target_key({"kind": "llvm", "mcpu": "znver3", "num-cores": 4}) == \
+        target_key({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
+
+
+def test_tuning_writes_records_per_target(tuned):
+    db, report = tuned
+    assert {t.name for t in report.tasks} == {"dc_conv", "dc_shift"}
+    assert all(t.trials == t.budget == 4 for t in report.tasks)
+    assert report.trials_run == 8
+    assert report.cost_model in ("XGBoost", "random (xgboost is not installed; pip install xgboost-cpu for "
+                                 "XGBoost)")
+    recs = records(db)
+    # 8 search trials + the two default schedules, each checked on the device before it was kept
+    assert len(recs) == 10
+    assert valid(recs)
+    assert all(t.default_ms is not None and t.best_ms is not None for t in report.tasks)
+    assert (database_dir(db, TARGET) / "database_workload.json").is_file()
+    assert "dc_conv" in report.table() and "cost model" in report.table()
+
+
+def test_a_second_run_resumes_instead_of_starting_over(tuned, capsys, tmp_path):
+    db, _ = tuned
+    before = len(records(db))
+    out_json = tmp_path / "report.json"
+    rc = cli_main(["tune", "tests.backends.test_tune:block", "--input-shape", "1,8,8,8", "--trials", "8",
+                   "--min-trials", "4", "--db", str(db), "--json", str(out_json), "--no-progress"])
+    assert rc == 0
+    assert len(records(db)) == before  # nothing left to do: same budget, already spent
+    out = capsys.readouterr().out
+    assert "0 new trials" in out and "cost model:" in out
+    data = json.loads(out_json.read_text())
+    assert [t["trials_before"] for t in data["tasks"]] == [4, 4]
+    # a larger budget spends only the difference
+    report = tune(block(), TARGET, example(), trials=12, db=db, progress=False, min_trials=4)
+    assert report.trials_run == 4
+    assert sum(t.trials for t in report.tasks) == 12
+    assert len(records(db)) == before + 4
+
+
+def test_compiled_model_uses_the_tuned_kernels_and_matches(tuned):
+    db, report = tuned
+    model, x = block(), example()
+    compiled = tvm_compile(model, TARGET, x, database=db)  # the tuning directory: its x86 sub-database
+    kept = {t.name: t.kept for t in report.tasks}
+    assert all(v in ("tuned", "default") for v in kept.values())
+    assert {k.name: k.schedule for k in compiled.kernels} == {"dc_conv": "tuned", "dc_shift": "tuned"}
+    assert "2 tuned" in compiled.summary()
+    with torch.no_grad():
+        want = model(x)
+    got = compiled(x)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+    # one database directory given directly works too
+    again = tvm_compile(model, TARGET, x, database=database_dir(db, TARGET))
+    assert all(k.schedule == "tuned" for k in again.kernels)
+
+
+def test_compile_says_when_the_database_has_no_records_for_the_target(tuned):
+    db, _ = tuned
+    with pytest.raises(CompileError, match=r"no tuning records for .*aarch64"):
+        tvm_compile(block(), "arm", example(), database=db)
+
+
+def test_wrong_results_are_reported_and_never_used(tmp_path, monkeypatch):
+    """A device that returns wrong outputs (simulated in the measuring worker): every candidate
+    and the default schedule fail the check, nothing usable is stored, compile keeps the default."""
+    monkeypatch.setenv("DCGRAPH_TUNE_FAULT", "wrong-output")
+    db = tmp_path / "db"
+    report = tune(block(), TARGET, example(), trials=4, db=db, progress=False, min_trials=4)
+    (task,) = report.tasks  # 4 trials: only the costliest kernel gets its minimum
+    assert task.name == "dc_conv" and task.wrong_results == 4 and task.kept == "-"
+    assert "wrong results" in report.table() and "default schedule failed" in task.note
+    assert records(db) and not valid(records(db))
+    monkeypatch.delenv("DCGRAPH_TUNE_FAULT")
+    compiled = tvm_compile(block(), TARGET, example(), database=db)
+    assert {k.name: k.schedule for k in compiled.kernels}["dc_conv"] == "default"
+
+
+def test_a_killed_tuning_process_keeps_its_records_and_resumes(tmp_path):
+    db = tmp_path / "db"
+    rec = database_dir(db, TARGET) / "database_tuning_record.json"
+    # 12 trials: all to dc_conv (dc_shift cannot get the minimum of 8), measured 8 at a time
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dcgraph.cli", "tune", "tests.backends.test_tune:block", "--input-shape",
+         "1,8,8,8", "--trials", "12", "--db", str(db), "--no-progress"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (rec.is_file() and len(rec.read_text().splitlines()) >= 9):  # default + first batch
+            assert proc.poll() is None, "the tuning process ended before it was killed"
+            assert time.monotonic() < deadline, "no records after 120 s"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # SIGKILL, its runner and builder workers too
+        proc.wait(10)
+    kept = records(db)  # every line parses
+    assert len(kept) >= 9
+    assert len(open_database(db, TARGET).get_all_tuning_records()) == len(kept)
+    # a cut-short last line (a kill in the middle of a write) is dropped when the database opens
+    with rec.open("a") as f:
+        f.write('[0,[[[["GetSBlock",[],["pa')
+    open_database(db, TARGET)
+    assert len(records(db)) == len(kept)
+    # the same command again finishes the budget
+    report = tune(block(), TARGET, example(), trials=12, db=db, progress=False)
+    (task,) = report.tasks
+    assert task.trials_before >= 8 and task.trials == 12
+    assert report.trials_run == 12 - task.trials_before
+
+
+def _servers(tracker, n: int, key: str):
+    from dcgraph.backends.tvm.rpc import Server
+
+    servers = [Server(tracker.address, key) for _ in range(n)]
+    threads = [threading.Thread(target=s.start) for s in servers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return servers
+
+
+def test_rpc_tracker_and_two_servers_measure_and_a_dead_fleet_stops_the_run(tmp_path):
+    from dcgraph.backends.tvm.rpc import Tracker
+
+    db = tmp_path / "db"
+    with Tracker() as tracker:
+        assert tracker.host == "127.0.0.1"
+        servers = _servers(tracker, 2, "x86-test")
+        try:
+            assert all(s.proc is not None for s in servers)
+            report = tune(block(), TARGET, example(), trials=8, db=db, rpc=tracker.address, key="x86-test",
+                          progress=False, min_trials=4)
+            assert "2 devices" in report.device
+            assert report.trials_run == 8
+            assert all(s.sessions() > 0 for s in servers), [s.sessions() for s in servers]
+
+            # the whole fleet dies in the middle of a run: a clear error, not a hang; records kept
+            rec = database_dir(db, TARGET) / "database_tuning_record.json"
+            start = len(rec.read_text().splitlines())
+
+            def kill_when_measuring():
+                deadline = time.monotonic() + 120
+                while len(rec.read_text().splitlines()) < start + 2 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                for s in servers:
+                    s.kill()
+
+            killer = threading.Thread(target=kill_when_measuring, daemon=True)
+            killer.start()
+            t0 = time.monotonic()
+            with pytest.raises(TuneError, match="no RPC server with key 'x86-test'") as err:
+                tune(block(), TARGET, example(), trials=64, db=db, rpc=tracker.address, key="x86-test",
+                     progress=False, min_trials=4)
+            assert time.monotonic() - t0 < 150
+            assert "\n" not in str(err.value) and "kept in" in str(err.value)
+            assert err.value.report is not None and err.value.report.error
+            assert len(records(db)) >= start + 2  # everything measured before the kill
+            open_database(db, TARGET)
+        finally:
+            for s in servers:
+                s.stop()
+    # with no device at all, tuning fails at once with the reason
+    with pytest.raises(TuneError, match="not reachable"):
+        tune(block(), TARGET, example(), trials=4, db=db, rpc=tracker.address, key="x86-test", progress=False)
+
+
+def test_cli_reports_errors_in_one_line(capsys):
+    rc = cli_main(["tune", "tests.backends.test_tune:block", "--input-shape", "1,8,8,8", "--trials", "4",
+                   "--rpc", "127.0.0.1:9"])
+    assert rc == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "dcgraph tune: error: --rpc HOST:PORT and --key NAME go together"
+
+
+@pytest.mark.slow
+def test_arm_tuning_over_rpc_on_the_emulated_device(tmp_path):
+    """The emulated aarch64 server registered with a tracker: cross-compiled candidates measured
+    there (timings meaningless), then the tuned model runs there and matches."""
+    from dcgraph.backends.tvm.emulation import ArmRpcServer, EmulationUnavailable, ensure_arm_root
+    from dcgraph.backends.tvm.rpc import Tracker
+
+    try:
+        root = ensure_arm_root()
+    except EmulationUnavailable as exc:
+        pytest.skip(f"ARM emulation unavailable: {exc}")
+    db = tmp_path / "db"
+    model, x = block(), example()
+    with Tracker() as tracker, ArmRpcServer(root, tracker=tracker.address, key="arm64") as server:
+        report = tune(model, "arm", x, trials=8, db=db, rpc=tracker.address, key="arm64", progress=False,
+                      min_trials=4)
+        assert report.trials_run == 8 and report.wrong_results == 0
+        assert (db / "llvm-aarch64-cortex-a72-neon" / "database_tuning_record.json").is_file()
+        compiled = tvm_compile(model, "arm", x, database=db)
+        assert all(k.schedule == "tuned" for k in compiled.kernels)
+        got = compiled.remote(server.connect())(x)
+    with torch.no_grad():
+        want = model(x)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-4

@@ -1,0 +1,125 @@
+"""The fusion benchmark suite (``dcgraph bench``, ``benchmarks/suite``): its pieces run, every
+row is checked before it is timed, and a row whose output is wrong is reported, not timed.
+
+Fast versions of the quick suite (small blocks, a subset of rows, two repeats); no timing
+assertions: the numbers on a shared 2-core machine say nothing about correctness.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.suite import harness as H
+from benchmarks.suite import model_level, op_level, train_level
+from dcgraph import cli
+
+
+def _wrong_deep_control(s, t):
+    """A plausible but wrong implementation: the mean is never subtracted (a treated as 0)."""
+    x, w, g, b = t["x"], t["weight"], t["g"], t["b"]
+
+    def run():
+        y = F.conv2d(x, w, None, s.stride, s.pad, 1, s.groups)
+        return torch.relu(y * g.view(1, -1, 1, 1) + b.view(1, -1, 1, 1))
+    return run
+
+
+def _crashing(s, t):
+    raise RuntimeError("this implementation cannot build")
+
+
+def test_wrong_row_is_reported_failed_and_not_timed():
+    data = op_level.run(quick=True, shapes=["r18.layer4"], repeats=2, write=False, progress=False,
+                        only=["torch_conv", "torch_plain", "torch_fused"],
+                        extra_rows={"wrong_dc": _wrong_deep_control, "crashing": _crashing})
+    (case,) = data["cases"]
+    rows = case["rows"]
+    wrong = rows["wrong_dc"]
+    assert wrong["status"] == H.FAILED and "wrong result" in wrong["why"] and wrong["error"] > 1e-2
+    assert rows["crashing"]["status"] == H.FAILED and "cannot build" in rows["crashing"]["why"]
+    for key in ("wrong_dc", "crashing"):
+        assert not any(k in rows[key] for k in ("median_ms", "min_ms", "iqr_ms", "vs_floor"))
+    for key in ("torch_conv", "torch_plain", "torch_fused"):  # the others are checked and timed
+        assert rows[key]["status"] == H.OK and rows[key]["error"] < 1e-4 and rows[key]["median_ms"] > 0
+    assert case["floor"] == "torch_conv" and case["best_dcgraph"] == "torch_fused"
+    assert "FAILED wrong_dc on r18.layer4 batch 1: wrong result" in data["markdown"]
+
+
+def test_op_level_runtimes_and_statuses():
+    """ONNX Runtime (conv, plain ops, DeepControlConv function) and TVM (TVM's own fusion,
+    dcgraph's fused kernels) on a depthwise relu6 block: every row passes its check; the
+    tuned row says "not yet" without a database."""
+    data = op_level.run(quick=True, shapes=["mbv2.dw_s2"], repeats=2, write=False, progress=False,
+                        only=["torch_conv", "ort_conv", "ort_plain", "ort_function", "tvm_unfused",
+                              "tvm_fused", "tvm_tuned"])
+    rows = data["cases"][0]["rows"]
+    for key in ("torch_conv", "ort_conv", "ort_plain", "ort_function", "tvm_unfused", "tvm_fused"):
+        assert rows[key]["status"] == H.OK, (key, rows[key])
+    assert rows["tvm_tuned"]["status"] == H.NOT_YET and "--db" in rows["tvm_tuned"]["why"]
+    summary = data["summary"]["1"]
+    assert summary["dcgraph_vs_floor"] > 0 and "goal_met" in summary
+    assert "not yet: dcgraph TVM fused, tuned" in data["markdown"]
+    json.dumps(data)  # the results are JSON
+
+
+def test_inductor_row_skipped_past_its_quota():
+    st = op_level.Settings(inductor_max=0)
+    from benchmarks.suite.shapes import BY_NAME
+
+    s = BY_NAME["b0.project"]
+    with pytest.raises(H.Skipped, match="--quick"):
+        op_level._inductor_row(s, s.tensors(1), st, {})
+
+
+def test_model_level_checks_against_the_batchnorm_model():
+    data = model_level.run(quick=True, width=8, size=32, repeats=1, write=False, progress=False,
+                           only=["bn_eager", "plain_eager", "fused_eager", "ort_function", "tvm_fused"])
+    rows = data["cases"][0]["rows"]
+    for key in ("bn_eager", "plain_eager", "fused_eager", "ort_function", "tvm_fused"):
+        assert rows[key]["status"] == H.OK and rows[key]["error"] < 1e-3, (key, rows[key])
+    assert "26 Deep Control" in rows["tvm_fused"]["kernels"] or "Deep Control" in rows["tvm_fused"]["kernels"]
+
+
+def test_train_level_agreement_and_a_fresh_process_row():
+    ag = train_level.agreement(width=4, batch=2, size=64)  # 32: layer4 maps are 1x1, where DC (a=1) is
+    # the constant b and g has no gradient but rounding noise
+    assert ag["ok"] and ag["compared"] > 40, ag
+    row = train_level._run_worker("fused", width=4, batch=2, size=32, steps=1, threads=2, timeout=120)
+    assert row["status"] == "ok", row
+    assert row["saved_bytes"] > 0 and row["peak_rss_mib"] >= row["rss_before_mib"] > 0
+
+
+def test_reports_and_plots(tmp_path, monkeypatch):
+    monkeypatch.setattr(H, "RESULTS", tmp_path)
+    recs = [{"layer": "l", "net": "resnet18", "batch": 1, "shape": "s", "gflop": 1.0,
+             "rows": {"torch_conv": {"status": H.OK, "median_ms": 1.0, "iqr_ms": 0.1, "min_ms": 0.9},
+                      "torch_plain": {"status": H.OK, "median_ms": 1.5, "iqr_ms": 0.1, "min_ms": 1.4},
+                      "tvm_fused": {"status": H.OK, "median_ms": 1.2, "iqr_ms": 0.1, "min_ms": 1.1},
+                      "tvm_tuned": {"status": H.NOT_YET, "why": "no database"}}}]
+    recs[0].update(op_level.ratios(recs[0]["rows"]))
+    assert recs[0]["dcgraph_vs_floor"] == pytest.approx(1.2)
+    assert recs[0]["dcgraph_vs_peer"] == pytest.approx(0.8)
+    summary = op_level.summarize(recs)
+    assert not summary["1"]["goal_met"] and summary["1"]["within_goal"] == "0/1"
+    md = op_level.markdown(recs, summary, "head", 2, "cmd")
+    assert "**NOT met**" in md and "not yet" in md
+    assert op_level.plot(recs, "op_test").is_file()
+    data = {"config": {"width": 4, "batch": 2, "size": 32, "steps": 1}, "head": "h", "command": "c",
+            "agreement": {"ok": True, "worst": 1e-7, "where": "output", "compared": 10, "rtol": 1e-4},
+            "rows": {k: {"status": "ok", "median_ms": 2.0, "iqr_ms": 0.1, "saved_bytes": 2**20 * (3 - i),
+                         "peak_rss_mib": 300.0, "step_rss_mib": 20.0 - i}
+                     for i, k in enumerate(train_level.VARIANTS)}}
+    assert "| Deep Control, fused op |" in train_level.markdown(data)
+    assert train_level.plot(data, "train_test").is_file()
+
+
+def test_cli_has_bench():
+    parser = cli.build_parser()
+    args = parser.parse_args(["bench", "op", "--quick", "--db", "somewhere"])
+    assert args.level == "op" and args.quick and args.db == "somewhere"
+    assert cli.COMMANDS["bench"] is cli._bench
+    assert parser.parse_args(["bench"]).level == "all"
