@@ -255,32 +255,48 @@ def _shift(x, w, a, g, b, stride, pad) -> np.ndarray:
 
 
 def plot(rows, steps, path: Path) -> None:
+    """Left: the fused kernel compile uses after N trials / PyTorch's conv (interleaved timings).
+    Right: MetaSchedule's best search candidate / the default schedule (its runner's timings)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for r in rows:
-        pts = [(n, r[f"fused_{n}_vs_torch_conv"]) for n in steps if f"fused_{n}_vs_torch_conv" in r]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    label=f"{r['layer']} ({r['shape']})")
-    ax.axhline(TARGET_RATIO, color="grey", linestyle="--", linewidth=1, label=f"target {TARGET_RATIO}x")
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xscale("symlog", linthresh=16)
-    ax.set_xticks(steps)
-    ax.set_xticklabels([str(s) for s in steps])
-    ax.set_yscale("log")
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.set_yticks([0.5, 1, 1.2, 2, 4, 8])
-    ax.set_xlabel("MetaSchedule trials on the fused kernel (0 = dcgraph's default schedule)")
-    ax.set_ylabel("fused kernel time / PyTorch conv alone")
-    ax.set_title("Fused conv + Deep Control + relu (dc_conv), x86, batch 1")
-    ax.legend(fontsize=8)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    values = []
+    for r in rows:
+        label = f"{r['layer']} ({r['shape']})"
+        pts = [(n, r[f"fused_{n}_vs_torch_conv"]) for n in steps if f"fused_{n}_vs_torch_conv" in r]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            values += [p[1] for p in pts]
+        if r.get("default_ms"):
+            pts2 = [(n, r[f"search_best_{n}_ms"] / r["default_ms"]) for n in steps
+                    if n > 0 and r.get(f"search_best_{n}_ms")]
+            if pts2:
+                ax2.plot([p[0] for p in pts2], [p[1] for p in pts2], marker="o", label=label)
+                values += [p[1] for p in pts2]
+    ax.axhline(TARGET_RATIO, color="grey", linestyle="--", linewidth=1, label=f"target {TARGET_RATIO}x")
+    ax2.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="default schedule")
+    lo, hi = min([*values, 0.9]) / 1.1, max([*values, 1.3]) * 1.1
+    for a in (ax, ax2):
+        a.axhline(1.0, color="black", linewidth=0.8)
+        a.set_xscale("symlog", linthresh=16)
+        a.set_xticks(steps)
+        a.set_xticklabels([str(s) for s in steps])
+        a.set_yscale("log")
+        a.set_ylim(lo, hi)
+        a.yaxis.set_major_formatter(ScalarFormatter())
+        a.yaxis.set_minor_formatter(NullFormatter())
+        a.set_yticks([t for t in (0.5, 0.7, 0.8, 0.9, 1, 1.2, 1.5, 2, 3, 4, 6, 8) if lo <= t <= hi])
+        a.set_xlabel("MetaSchedule trials on the fused kernel")
+        a.legend(fontsize=7)
+    ax.set_ylabel("fused kernel / PyTorch conv alone")
+    ax.set_title("What compile uses after N trials (0: default schedule)", fontsize=10)
+    ax2.set_ylabel("best search candidate / default schedule")
+    ax2.set_title("MetaSchedule's search alone (its own timings)", fontsize=10)
+    fig.suptitle("Fused conv + Deep Control + relu (dc_conv), x86, batch 1")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -294,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", nargs="+", help=f"ResNet-18 layers (default {' '.join(DEFAULT_LAYERS)})")
     parser.add_argument("--trials", type=int, nargs="+", help="trial counts (default 0 16 64 256)")
     parser.add_argument("--max-trials", type=int, help="drop trial counts above this")
-    parser.add_argument("--repeats", type=int, help="timed runs per row (default 20, quick 5)")
+    parser.add_argument("--repeats", type=int, help="timed runs per row (default 40, quick 15)")
     parser.add_argument("--threads", type=int, default=2, help="torch and TVM threads (default 2)")
     parser.add_argument("--db", help="keep the tuning databases here (default: a temporary directory); "
                                      "an existing one is resumed")
@@ -309,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = sorted(set(args.trials or ([0, 4] if args.quick else [0, 16, 64, 256])))
     if args.max_trials is not None:
         steps = [s for s in steps if s <= args.max_trials]
-    repeats = args.repeats or (5 if args.quick else 20)
+    repeats = args.repeats or (15 if args.quick else 40)
     known = {s[0]: s for s in RESNET18}
     unknown = [name for name in layers if name not in known]
     if unknown:
