@@ -33,8 +33,8 @@ bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/tvm_kernels.py --quick
 	$(BIN)/python benchmarks/tune_curve.py --quick --no-progress
 
-bench-fusion: $(STAMP)         ## the fusion suite: op, model, train (+ gpu where present); ~20-30 min on 2 cores
-	$(BIN)/dcgraph bench all $(if $(DB),--db $(DB))
+bench-fusion: $(STAMP)         ## the fusion suite: op, model, train (+ gpu where present); DB=tuned/ TUNE=16 to tune first
+	$(BIN)/dcgraph bench all $(if $(DB),--db $(DB)) $(if $(TUNE),--tune $(TUNE))
 
 bench-fusion-gpu-build: $(STAMP)  ## the suite's TVM CUDA modules for benchmarks/suite/gpu_run.sh on a GPU machine
 	$(BIN)/dcgraph bench gpu --gpu-mode build

@@ -47,7 +47,11 @@ def run(args: argparse.Namespace) -> int:
 
     cmd = " ".join(["dcgraph bench", args.level, *(["--quick"] if args.quick else []),
                     *([f"--db {args.db}"] if args.db else []),
-                    *([f"--tune {args.tune}"] if args.tune else [])])
+                    *([f"--tune {args.tune}"] if args.tune else []),
+                    *([f"--threads {args.threads}"] if args.threads != 2 else []),
+                    *([f"--repeats {args.repeats}"] if args.repeats else []),
+                    *(["--batch", *map(str, args.batch)] if args.batch else []),
+                    *(["--shapes", *args.shapes] if args.shapes else [])])
     levels = ["op", "model", "train", "gpu"] if args.level == "all" else [args.level]
     t0 = time.perf_counter()
     written, failed = [], 0
