@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import onnx
@@ -46,11 +47,19 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, *, dynamic_batch:
     dyn = ({0: torch.export.Dim.AUTO},) if dynamic_batch else None
     if dynamic_batch and example.shape[0] == 1:
         example = torch.cat([example, example])  # batch 1 would specialise to a constant
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (example,), dynamo=True, optimize=False,
-                                    opset_version=opset, dynamic_shapes=dyn, verbose=False,
-                                    custom_translation_table=TRANSLATIONS)
+    # torch's exporter logs one warning per torchvision op it cannot register (nms, roi_align,
+    # ...) when torchvision is absent: irrelevant here, held back.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (example,), dynamo=True, optimize=False,
+                                        opset_version=opset, dynamic_shapes=dyn, verbose=False,
+                                        custom_translation_table=TRANSLATIONS)
+    finally:
+        registration.setLevel(level)
     ir_model = ir.serde.deserialize_model(program.model_proto)
     onnxscript.optimizer.fold_constants(ir_model)
     common_passes.RemoveUnusedNodesPass()(ir_model)

@@ -66,6 +66,36 @@ def test_op_level_runtimes_and_statuses():
     json.dumps(data)  # the results are JSON
 
 
+def test_tuned_row_tunes_into_the_database_and_is_checked(tmp_path):
+    """--db DIR --tune N: the block's kernels are tuned into DIR, compiled from its records,
+    checked against the reference and timed; a second run resumes (no new trials)."""
+    kw = dict(quick=True, shapes=["r18.layer4"], repeats=2, write=False, progress=False,
+              only=["torch_conv", "tvm_fused", "tvm_tuned"], db=str(tmp_path), tune_trials=2)
+    row = op_level.run(**kw)["cases"][0]["rows"]["tvm_tuned"]
+    assert row["status"] == H.OK and row["error"] < 1e-4, row
+    assert row["kernels_tuned"].split("/")[0] != "0" and row["median_ms"] > 0
+    assert list(tmp_path.rglob("database_tuning_record.json"))
+    again = op_level.run(**kw)["cases"][0]["rows"]["tvm_tuned"]
+    assert again["status"] == H.OK and again["tune_s"] < row["tune_s"], (row, again)
+
+
+def test_gpu_level_builds_cuda_modules_without_a_gpu(tmp_path, monkeypatch):
+    """The GPU level's build half (here: no GPU): one block's TVM CUDA modules, fused and
+    unfused, and TVM's runtime without the compiler library, for benchmarks/suite/gpu_run.sh."""
+    pytest.importorskip("tvm")
+    from benchmarks.suite import gpu_level
+    from benchmarks.suite.shapes import BY_NAME
+
+    monkeypatch.setattr(gpu_level, "_jobs", lambda quick: [(BY_NAME["mbv2.dw_s2"], 1)])
+    manifest = gpu_level.build(out=tmp_path, quick=True)
+    assert manifest["failed"] == {} and len(manifest["modules"]) == len(gpu_level.TVM_KINDS)
+    for name in manifest["modules"]:
+        assert (tmp_path / "mods" / name).stat().st_size > 0
+    site = tmp_path / "site" / "tvm"
+    assert (site / "__init__.py").is_file() and not list(site.rglob("libtvm_compiler.so"))
+    assert json.loads((tmp_path / "manifest.json").read_text())["modules"] == manifest["modules"]
+
+
 def test_inductor_row_skipped_past_its_quota():
     st = op_level.Settings(inductor_max=0)
     from benchmarks.suite.shapes import BY_NAME

@@ -216,8 +216,11 @@ def markdown(recs: list[dict], head: str, repeats: int, command: str) -> str:
         for k, row in r["rows"].items():
             if row.get("status") != H.OK:
                 lines.append(f"- {row['status']}: {ROWS[k][0]} on {r['model']} {r['input']}: {row['why']}")
-        if "kernels" in r["rows"].get("tvm_fused", {}):
-            lines.append(f"- {r['model']} {r['input']}: TVM {r['rows']['tvm_fused']['kernels']}")
+        for k in ("tvm_fused", "tvm_tuned"):
+            row = r["rows"].get(k, {})
+            if "kernels" in row:
+                spent = f" (tuning this run: {row['tune_s']:.0f} s)" if row.get("tune_s") else ""
+                lines.append(f"- {r['model']} {r['input']}, {ROWS[k][0]}: {row['kernels']}{spent}")
     return "\n".join(lines)
 
 

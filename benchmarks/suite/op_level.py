@@ -427,6 +427,7 @@ def plot(recs: list[dict], name: str) -> Path | None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
     except ImportError:
         return None
     batches = sorted({r["batch"] for r in recs})
@@ -449,11 +450,17 @@ def plot(recs: list[dict], name: str) -> Path | None:
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.axhline(GOAL, color="red", linewidth=0.8, linestyle="--", label=f"goal {GOAL}x")
         ax.set_yscale("log")
+        top = max([r["rows"].get(k, {}).get("vs_floor") or 1.0 for r in sel for k in keys] + [1.2])
+        ax.set_ylim(0.7, top * 1.15)
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_yticks([t for t in (0.8, 1, 1.5, 2, 3, 5, 8, 12, 20) if t <= top * 1.15])
         ax.set_xticks(range(len(sel)), [r["layer"] for r in sel], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("time / fastest conv alone")
         ax.set_title(f"conv + Deep Control + act, batch {batch} (hatched: dcgraph)", fontsize=10)
-    axes[0, 0].legend(fontsize=7, ncol=3, loc="upper left")
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, ncol=5, loc="upper center")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
     path = H.save_plot(fig, name)
     plt.close(fig)
     return path
