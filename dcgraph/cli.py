@@ -136,8 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--target", default="x86", help="x86 | arm | cuda | cuda-sm80 | JSON dict (default x86)")
     cp.add_argument("-o", "--output", metavar="OUTPUT", help="shared library to write (.so)")
     cp.add_argument("--input-shape", metavar="N,C,H,W", help="input shape (default: the model's)")
-    cp.add_argument("--plan", choices=["hoisted", "two_pass"], default="hoisted",
-                    help="fused kernel form: mean hoisted from the input (default), or conv then mean")
+    cp.add_argument("--plan", choices=["auto", "hoisted", "two_pass"], default="auto",
+                    help="fused kernel form: hoisted (mean from the input, one pass over the output), "
+                         "two_pass (conv, then mean and epilogue over its output), auto (default: "
+                         "two_pass for depthwise convs, where the hoisted mean costs as much as the "
+                         "conv; hoisted otherwise)")
     cp.add_argument("--db", metavar="DIR", help="MetaSchedule database of tuned records to apply")
     cp.add_argument("--no-convert", action="store_true", help="compile as is (no norm conversion)")
     cp.add_argument("--verify", action="store_true",
@@ -181,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--rpc", metavar="HOST:PORT", help="TVM RPC tracker to measure on")
     tu.add_argument("--key", metavar="NAME", help="device key at the tracker")
     tu.add_argument("--input-shape", metavar="N,C,H,W", help="input shape (default: the model's)")
-    tu.add_argument("--plan", choices=["hoisted", "two_pass"], default="hoisted",
-                    help="fused kernel form, as for compile (default hoisted)")
+    tu.add_argument("--plan", choices=["auto", "hoisted", "two_pass"], default="auto",
+                    help="fused kernel form, as for compile (default auto)")
     tu.add_argument("--cost-model", choices=["auto", "xgb", "random"], default="auto",
                     help="MetaSchedule cost model (default auto: xgb if installed, else random)")
     tu.add_argument("--no-convert", action="store_true", help="tune as is (no norm conversion)")

@@ -123,7 +123,7 @@ def _inputs_of(mod: tvm.IRModule) -> list[InputSpec]:
     return specs
 
 
-def prepare(model: Any, example_inputs: Any = None, *, plan: str = "hoisted", convert: bool = True,
+def prepare(model: Any, example_inputs: Any = None, *, plan: str = "auto", convert: bool = True,
             fuse_plain: bool = True, shape: dict | None = None) -> tvm.IRModule:
     """The Relax module :func:`compile` builds (and :func:`.tune.tune` extracts kernels from):
     the model imported (dcgraph's passes first when ``convert``), plain-op Deep Control fused."""
@@ -137,7 +137,7 @@ def prepare(model: Any, example_inputs: Any = None, *, plan: str = "hoisted", co
 
 def compile(
     model: Any, target: str | dict | tvm.target.Target | None = "x86",
-    example_inputs: Any = None, *, plan: str = "hoisted", convert: bool = True,
+    example_inputs: Any = None, *, plan: str = "auto", convert: bool = True,
     fuse_plain: bool = True, database: Any = None, shape: dict | None = None,
 ) -> CompiledModel:
     """Compile ``model`` for ``target`` (preset name, dict, tag or Target).

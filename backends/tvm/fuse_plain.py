@@ -360,7 +360,7 @@ def find_plain_deep_control(func: relax.Function) -> list[DcMatch]:
     return list(_Matcher(func).find().values())
 
 
-def fuse_plain_deep_control(mod: tvm.IRModule, plan: str = "hoisted") -> tuple[tvm.IRModule, int]:
+def fuse_plain_deep_control(mod: tvm.IRModule, plan: str = "auto") -> tuple[tvm.IRModule, int]:
     """Replace every plain ``conv -> Deep Control [-> act]`` of ``mod``'s Relax functions.
 
     Returns ``(new module, number of chains replaced)``; with no match, ``mod`` itself.
@@ -387,7 +387,7 @@ def fuse_plain_deep_control(mod: tvm.IRModule, plan: str = "hoisted") -> tuple[t
 class FusePlainDeepControl:
     """Module pass form of :func:`fuse_plain_deep_control`; ``.count`` holds the last run's rewrites."""
 
-    def __init__(self, plan: str = "hoisted") -> None:
+    def __init__(self, plan: str = "auto") -> None:
         if plan not in PLANS:
             raise ValueError(f"unknown plan {plan!r}; expected one of {', '.join(PLANS)}")
         self.plan = plan

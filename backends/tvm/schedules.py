@@ -187,11 +187,43 @@ def schedule_mean_cpu(sch: Schedule, lanes: int = 8) -> None:
         sch.vectorize(sch.get_loops(rf)[-1])
 
 
+def schedule_two_pass_cpu(sch: Schedule, lanes: int = 8) -> bool:
+    """The two-pass Deep Control kernel (``map_sum`` then ``epilogue`` over the conv output):
+    one parallel loop over (N, C); inside it the channel's map is summed (``lanes`` partial
+    sums, rfactor) and then rewritten by the vectorised epilogue while it is still in cache.
+    Left to the generic rule, both passes ran as scalar loops in two parallel regions."""
+    names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    if names != ["map_sum", "epilogue"]:
+        return False
+    epilogue = sch.get_sblock("epilogue")
+    loops = sch.get_loops(epilogue)
+    if len(loops) < 3 or None in [_extent(sch, lp) for lp in loops]:
+        return False
+    outer = sch.fuse(loops[0], loops[1])
+    inner = sch.fuse(*loops[2:]) if len(loops) > 3 else loops[2]
+    size = _extent(sch, inner)
+    if size % lanes == 0:
+        _, vec = sch.split(inner, [None, lanes])
+        sch.vectorize(vec)
+    sch.parallel(outer)
+    total = sch.get_sblock("map_sum")
+    sch.compute_at(total, outer)
+    red = sch.get_loops(total)[1:]  # the map's loops (none left when the map is one pixel)
+    if red and size >= 2 * lanes and size % lanes == 0:
+        red = sch.fuse(*red) if len(red) > 1 else red[0]
+        _, part = sch.split(red, [None, lanes])
+        rf = sch.rfactor(part, 0)
+        sch.vectorize(sch.get_loops(rf)[-1])
+    return True
+
+
 def schedule_func_cpu(func: tirx.PrimFunc, lanes: int = 8) -> tirx.PrimFunc | None:
     """The default CPU schedule for one PrimFunc, or None if no rule applies."""
     sch = Schedule(func)
     if schedule_conv_cpu(sch, lanes):
         return sch.mod["main"].with_attr(SCHEDULED, "conv")
+    if schedule_two_pass_cpu(sch, lanes):
+        return sch.mod["main"].with_attr(SCHEDULED, "two_pass")
     schedule_mean_cpu(sch, lanes)
     if schedule_reduction_cpu(sch):
         return sch.mod["main"].with_attr(SCHEDULED, "parallel")

@@ -764,7 +764,7 @@ def _loggers(directory: Path) -> tuple[logging.Logger, list[tuple[logging.Logger
 def tune(
     model: Any, target: Any = "x86", example_inputs: Any = None, *, trials: int,
     db: str | os.PathLike, rpc: str | None = None, key: str | None = None, cost_model: str = "auto",
-    progress: bool = True, convert: bool = True, plan: str = "hoisted", fuse_plain: bool = True,
+    progress: bool = True, convert: bool = True, plan: str = "auto", fuse_plain: bool = True,
     shape: dict | None = None, min_trials: int = MIN_TRIALS, skip_share: float = SKIP_SHARE,
     kernels: Sequence[str] | None = None, timeout: float | None = None,
 ) -> TuneReport:

@@ -304,7 +304,7 @@ def _scalar_shape_reshape(value: relax.Expr, shape: Any, attrs: dict) -> relax.E
 class DcgraphOnnxImporter(ONNXGraphImporter):
     """TVM's ONNX graph importer, with the ``ai.dcgraph`` operators of :data:`CONVERTERS`."""
 
-    def __init__(self, shape_dict: Mapping[str, Sequence[int]] | None, plan: str = "hoisted") -> None:
+    def __init__(self, shape_dict: Mapping[str, Sequence[int]] | None, plan: str = "auto") -> None:
         # dtype_dict={}: every input keeps the model's own element type
         super().__init__(dict(shape_dict or {}), {}, keep_params_in_input=False, sanitize=True)
         self.plan = plan
@@ -340,12 +340,12 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 
 def from_onnx(model: onnx.ModelProto | str | Path, shape: dict[str, Sequence[int]] | None = None,
-              plan: str = "hoisted") -> tvm.IRModule:
+              plan: str = "auto") -> tvm.IRModule:
     """Import ``model`` (a proto or a path) into a Relax module ``main``; initializers become constants.
 
     ``shape`` maps graph input names to static shapes (the Deep Control kernels need static
     channel and spatial sizes; a symbolic batch is fine). ``plan`` is passed to
-    :func:`..lowering.emit_conv_deep_control` (``"hoisted"`` or ``"two_pass"``). Raises
+    :func:`..lowering.emit_conv_deep_control` (``"auto"``, ``"hoisted"`` or ``"two_pass"``). Raises
     ``ValueError`` for inputs this frontend cannot take (bad attribute values, unknown input
     names, a model TVM's importer has no converter for).
     """

@@ -42,7 +42,7 @@ def _converter(plan: str):
     return convert
 
 
-def from_torch(program: torch.export.ExportedProgram, plan: str = "hoisted") -> tvm.IRModule:
+def from_torch(program: torch.export.ExportedProgram, plan: str = "auto") -> tvm.IRModule:
     """Import an exported program (parameters bound as constants) into a Relax module ``main``."""
     if not isinstance(program, torch.export.ExportedProgram):
         raise TypeError(f"expected a torch.export.ExportedProgram, got {type(program).__name__}")
