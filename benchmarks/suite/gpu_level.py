@@ -126,7 +126,8 @@ def build(out: Path = ARTIFACTS, arch: str = "sm_90", quick: bool = False) -> di
           f"into {out}")
     if not list(wheels.glob("*.whl")):
         print(f"no apache-tvm-ffi wheel in {wheels}; for a Python 3.12 GPU machine:\n  "
-              + gk.FFI_WHEEL_HELP.replace("build/gpu_kernels", str(out.relative_to(H.ROOT))))
+              + gk.FFI_WHEEL_HELP.replace("build/gpu_kernels", str(
+                  out.relative_to(H.ROOT) if out.is_relative_to(H.ROOT) else out)))
     return manifest
 
 
