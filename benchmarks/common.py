@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -14,22 +15,40 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 
+# (name, C_in, C_out, input H=W, kernel, stride): the distinct convolutions of ResNet-18 (224 px)
+RESNET18 = [
+    ("conv1", 3, 64, 224, 7, 2),
+    ("layer1", 64, 64, 56, 3, 1),
+    ("layer2.down", 64, 128, 56, 3, 2),
+    ("layer2", 128, 128, 28, 3, 1),
+    ("layer2.1x1", 64, 128, 56, 1, 2),
+    ("layer3.down", 128, 256, 28, 3, 2),
+    ("layer3", 256, 256, 14, 3, 1),
+    ("layer4.down", 256, 512, 14, 3, 2),
+    ("layer4", 512, 512, 7, 3, 1),
+]
+
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3,
-                     ) -> dict[str, dict[str, float]]:
+                     shuffle: bool = False) -> dict[str, dict[str, float]]:
     """Median, inter-quartile range and minimum (ms) of each function, run round-robin so
     that machine drift (other tenants on these shared cores) hits every variant alike.
 
     The median is what a user sees; the minimum is the least noisy estimate of the work
-    itself, so ratios are reported on both."""
+    itself, so ratios are reported on both. ``shuffle``: a new order every round (seeded), for
+    rows whose position matters (a runtime's threads still spinning from the previous row)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    rng = random.Random(0)
+    names = list(fns)
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        for name, fn in fns.items():
+        if shuffle:
+            rng.shuffle(names)
+        for name in names:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             samples[name].append(1e3 * (time.perf_counter() - t0))
     out = {}
     for name, s in samples.items():

@@ -57,21 +57,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make tests.cases and benchmarks.common importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import geomean, machine_info, write_results  # noqa: E402
+from benchmarks.common import RESNET18, geomean, machine_info, write_results  # noqa: E402
 from tests.cases import CASES, ConvCase  # noqa: E402
 
 ARTIFACTS = ROOT / "build" / "gpu_kernels"
 # (name, C_in, C_out, input H=W, kernel, stride): the distinct convs of ResNet-18 past the stem
-SHAPES = [
-    ("layer1", 64, 64, 56, 3, 1),
-    ("layer2.down", 64, 128, 56, 3, 2),
-    ("layer2", 128, 128, 28, 3, 1),
-    ("layer3.down", 128, 256, 28, 3, 2),
-    ("layer3", 256, 256, 14, 3, 1),
-    ("layer4.down", 256, 512, 14, 3, 2),
-    ("layer4", 512, 512, 7, 3, 1),
-    ("layer2.1x1", 64, 128, 56, 1, 2),
-]
+SHAPES = [s for s in RESNET18 if s[0] != "conv1"]
 # Larger than the shared cases, so that the GPU conv schedule keeps its full register tiles
 # (4 channels x 2 columns per thread) and loops over several input-channel chunks; the shared
 # cases are so small that it shrinks the tiles to one output per thread.

@@ -22,22 +22,10 @@ from dcgraph import ops
 from dcgraph import reference as R
 
 try:
-    from benchmarks.common import geomean, machine_info, time_interleaved, write_results
+    from benchmarks.common import RESNET18, geomean, machine_info, time_interleaved, write_results
 except ImportError:  # run as a script from benchmarks/
-    from common import geomean, machine_info, time_interleaved, write_results
+    from common import RESNET18, geomean, machine_info, time_interleaved, write_results
 
-# (name, C_in, C_out, input H=W, kernel, stride): the distinct convolutions of ResNet-18
-RESNET18 = [
-    ("conv1", 3, 64, 224, 7, 2),
-    ("layer1", 64, 64, 56, 3, 1),
-    ("layer2.down", 64, 128, 56, 3, 2),
-    ("layer2", 128, 128, 28, 3, 1),
-    ("layer2.1x1", 64, 128, 56, 1, 2),
-    ("layer3.down", 128, 256, 28, 3, 2),
-    ("layer3", 256, 256, 14, 3, 1),
-    ("layer4.down", 256, 512, 14, 3, 2),
-    ("layer4", 512, 512, 7, 3, 1),
-]
 QUICK = ["layer1", "layer3", "layer4"]
 
 

@@ -8,8 +8,9 @@ across the steps (``tune`` resumes: the step to 64 trials spends 48 more), so "a
 is what a user gets from ``dcgraph tune --trials N``; the schedule after N is the best of the
 first N measured candidates and the default schedule (0 trials = the default schedule).
 
-Rows, measured at the end in one run, interleaved in a shuffled order (see
-:func:`time_shuffled`), each checked against :func:`dcgraph.reference.conv_deep_control` first:
+Rows, measured at the end in one run, interleaved in a shuffled order
+(:func:`benchmarks.common.time_interleaved`, ``shuffle=True``), each checked against
+:func:`dcgraph.reference.conv_deep_control` first:
 
 - ``torch conv``: PyTorch eager conv alone (oneDNN), the target's yardstick;
 - ``fused @N``: the ``dc_conv`` kernel alone after N trials (ratio to torch conv);
@@ -51,11 +52,9 @@ from dcgraph.backends.tvm.schedules import SCHEDULED, schedule_func_cpu, vector_
 from dcgraph.backends.tvm.tune import database_dir, extract_tasks, tune
 
 try:
-    from benchmarks.common import machine_info, write_results
-    from benchmarks.op_speed import RESNET18
+    from benchmarks.common import RESNET18, machine_info, time_interleaved, write_results
 except ImportError:  # run as a script from benchmarks/
-    from common import machine_info, write_results
-    from op_speed import RESNET18
+    from common import RESNET18, machine_info, time_interleaved, write_results
 
 KERNEL = "dc_conv"
 DEFAULT_LAYERS = ["layer1", "layer2", "layer3"]
@@ -201,7 +200,11 @@ def bench_layer(name, cin, cout, size, k, stride, steps, repeats, target, db, co
         except Exception as e:  # a row that cannot build is reported, the others still run
             failed[f"fused_{n}"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:120]}"
     with torch.no_grad():
-        t = time_shuffled(fns, repeats)
+        # Shuffled: in a fixed order the two or three TVM rows after torch's conv ran up to 2x
+        # slow (identical kernels at different positions: 4.2 vs 2.0 ms medians); torch's OpenMP
+        # threads still spinning is the likely cause (OMP_WAIT_POLICY=PASSIVE made torch's conv
+        # itself 15-40% slower here, so it is not used). Shuffling spreads that over every row.
+        t = time_interleaved(fns, repeats, shuffle=True)
     row = {"layer": name, "shape": f"{cin}->{cout} {k}x{k}/{stride} @{size}", "trials_in_db": done,
            "tune_seconds": tune_seconds, "cost_model": cost_note, "failed": failed,
            "chosen": {n: ("default" if chosen[n] is None or not _is_search(chosen[n]) else "tuned")
@@ -216,35 +219,6 @@ def bench_layer(name, cin, cout, size, k, stride, steps, repeats, target, db, co
         if f"block_{n}_median_ms" in row:
             row[f"block_{n}_vs_torch_conv"] = row[f"block_{n}_median_ms"] / row["torch_conv_median_ms"]
     return row
-
-
-def time_shuffled(fns: dict, repeats: int, warmup: int = 3) -> dict[str, dict[str, float]]:
-    """``benchmarks.common.time_interleaved`` with the order of the rows shuffled every round.
-
-    In a fixed order the two or three TVM rows after torch's conv ran up to 2x slow (identical
-    kernels at different positions: 4.2 vs 2.0 ms medians), whatever they were; torch's OpenMP
-    threads still spinning is the likely cause (OMP_WAIT_POLICY=PASSIVE made torch's conv itself
-    15-40% slower here, so it is not used). Shuffling spreads that over every row alike."""
-    import random
-    import statistics
-
-    rng = random.Random(0)
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    samples: dict[str, list[float]] = {k: [] for k in names}
-    for _ in range(repeats):
-        rng.shuffle(names)
-        for name in names:
-            t0 = time.perf_counter()
-            fns[name]()
-            samples[name].append(1e3 * (time.perf_counter() - t0))
-    out = {}
-    for name, v in samples.items():
-        q = statistics.quantiles(v, n=4) if len(v) >= 4 else [min(v), 0, max(v)]
-        out[name] = {"median_ms": statistics.median(v), "iqr_ms": q[2] - q[0], "min_ms": min(v)}
-    return out
 
 
 def _shift(x, w, a, g, b, stride, pad) -> np.ndarray:

@@ -38,11 +38,9 @@ from dcgraph.backends.tvm.lowering import emit_conv_deep_control
 from dcgraph.backends.tvm.pipeline import relax_pipeline
 
 try:
-    from benchmarks.common import geomean, machine_info, time_interleaved, write_results
-    from benchmarks.op_speed import RESNET18
+    from benchmarks.common import RESNET18, geomean, machine_info, time_interleaved, write_results
 except ImportError:  # run as a script from benchmarks/
-    from common import geomean, machine_info, time_interleaved, write_results
-    from op_speed import RESNET18
+    from common import RESNET18, geomean, machine_info, time_interleaved, write_results
 
 QUICK = ["layer1", "layer3", "layer4"]
 ROWS = ("torch_conv", "tvm_conv", "tvm_fused", "tvm_two_pass", "tvm_unfused")

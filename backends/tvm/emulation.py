@@ -60,7 +60,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -72,6 +71,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .rpc import stop_process_group
 
 if TYPE_CHECKING:
     import tvm
@@ -607,11 +608,7 @@ class ArmRpcServer:
         if proc is not None:
             # start_new_session made the server the leader of its own group: this reaches its
             # PopenWorker and the forked session processes, and nothing else.
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, sig)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(5)
+            stop_process_group(proc)
         if self._logdir is not None:
             shutil.rmtree(self._logdir, ignore_errors=True)
             self._logdir = None

@@ -29,11 +29,24 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = ["DeviceUnavailable", "Server", "Tracker", "count_servers", "parse_address", "request_session",
-           "tracker_summary"]
+           "stop_process_group", "tracker_summary"]
+
+
+def stop_process_group(proc: subprocess.Popen, signals: Sequence[int] = (signal.SIGTERM, signal.SIGKILL),
+                       ) -> None:
+    """Send each signal to ``proc``'s process group (a server started with ``start_new_session``:
+    its forked session workers too, nothing else) and wait up to 5 s after each; the SIGKILL
+    reaches workers the leader left behind when it exited on SIGTERM."""
+    for sig in signals:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
 
 
 class DeviceUnavailable(RuntimeError):
@@ -169,20 +182,12 @@ class _Process:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Kill the process group (the server's forked session workers too), keep the log."""
         if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(5)
+            stop_process_group(self.proc, (sig,))
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, sig)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(5)
-                    break
+            stop_process_group(proc)
         if self._logdir is not None:
             shutil.rmtree(self._logdir, ignore_errors=True)
             self._logdir = None

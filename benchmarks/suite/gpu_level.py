@@ -57,6 +57,8 @@ def relax_module(kind: str, s: OpShape, batch: int):
 
     from dcgraph.backends.tvm.lowering import emit_conv_deep_control
 
+    from .op_level import emit_plain_deep_control
+
     def var(name: str, shape: tuple[int, ...]) -> relax.Var:
         return relax.Var(name, relax.TensorType(shape, "float32"))
 
@@ -64,26 +66,14 @@ def relax_module(kind: str, s: OpShape, batch: int):
     w = var("weight", (s.cout, s.cin // s.groups, s.k, s.k))
     a, g, b = (var(n, (s.cout,)) for n in "agb")
     bb = relax.BlockBuilder()
-    op = relax.op
     with bb.function("main", [x, w, a, g, b]):
         with bb.dataflow():
             if kind == "tvm_fused":
                 out = emit_conv_deep_control(bb, x, w, None, a, g, b, stride=s.stride, padding=s.pad,
                                              groups=s.groups, act=s.act)
             else:
-                def col(v: relax.Expr) -> relax.Expr:
-                    return op.reshape(v, (1, s.cout, 1, 1))
-
-                y = bb.emit(op.nn.conv2d(x, w, strides=s.stride, padding=s.pad, groups=s.groups))
-                m = op.mean(y, axis=[2, 3], keepdims=True)
-                z = op.add(op.multiply(op.subtract(y, op.multiply(m, col(a))), col(g)), col(b))
-                if s.act == "relu":
-                    z = op.nn.relu(z)
-                elif s.act == "relu6":
-                    z = op.clip(z, relax.prim_value(0.0), relax.prim_value(6.0))
-                elif s.act == "silu":
-                    z = op.nn.silu(z)
-                out = bb.emit(z)
+                out = emit_plain_deep_control(
+                    bb, x, w, *(relax.op.reshape(v, (1, s.cout, 1, 1)) for v in (a, g, b)), s)
             gv = bb.emit_output(out)
         bb.emit_func_output(gv)
     return bb.get()

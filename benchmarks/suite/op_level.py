@@ -172,23 +172,29 @@ def tvm_module(kind: str, s: OpShape, t: dict):
                     bb, x, w, None, *(relax.const(t[k].numpy()) for k in "agb"),
                     stride=s.stride, padding=s.pad, groups=s.groups, act=s.act)
             else:
-                def col(v: torch.Tensor) -> relax.Constant:
-                    return relax.const(v.reshape(1, -1, 1, 1).numpy())
-
-                op = relax.op
-                y = bb.emit(op.nn.conv2d(x, w, strides=s.stride, padding=s.pad, groups=s.groups))
-                m = op.mean(y, axis=[2, 3], keepdims=True)
-                z = op.add(op.multiply(op.subtract(y, op.multiply(m, col(t["a"]))), col(t["g"])), col(t["b"]))
-                if s.act == "relu":
-                    z = op.nn.relu(z)
-                elif s.act == "relu6":
-                    z = op.clip(z, relax.prim_value(0.0), relax.prim_value(6.0))
-                elif s.act == "silu":
-                    z = op.nn.silu(z)
-                out = bb.emit(z)
+                out = emit_plain_deep_control(
+                    bb, x, w, *(relax.const(t[k].reshape(1, -1, 1, 1).numpy()) for k in "agb"), s)
             gv = bb.emit_output(out)
         bb.emit_func_output(gv)
     return bb.get()
+
+
+def emit_plain_deep_control(bb, x, w, a, g, b, s: OpShape):
+    """``act(g * (y - a * mean_HW(y)) + b)`` for ``y = conv2d(x, w)`` as plain Relax ops, left to
+    TVM's own fusion (the "TVM, plain ops" rows); ``a, g, b`` broadcast as ``(1, C, 1, 1)``."""
+    from tvm import relax
+
+    op = relax.op
+    y = bb.emit(op.nn.conv2d(x, w, strides=s.stride, padding=s.pad, groups=s.groups))
+    m = op.mean(y, axis=[2, 3], keepdims=True)
+    z = op.add(op.multiply(op.subtract(y, op.multiply(m, a)), g), b)
+    if s.act == "relu":
+        z = op.nn.relu(z)
+    elif s.act == "relu6":
+        z = op.clip(z, relax.prim_value(0.0), relax.prim_value(6.0))
+    elif s.act == "silu":
+        z = op.nn.silu(z)
+    return bb.emit(z)
 
 
 def tune_available() -> bool:

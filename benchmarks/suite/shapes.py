@@ -16,19 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-# (name, C_in, C_out, input H=W, kernel, stride): ResNet-18's distinct convolutions, as in
-# benchmarks/op_speed.py (repeated here so that the GPU machine needs no dcgraph import)
-RESNET18 = [
-    ("conv1", 3, 64, 224, 7, 2),
-    ("layer1", 64, 64, 56, 3, 1),
-    ("layer2.down", 64, 128, 56, 3, 2),
-    ("layer2", 128, 128, 28, 3, 1),
-    ("layer2.1x1", 64, 128, 56, 1, 2),
-    ("layer3.down", 128, 256, 28, 3, 2),
-    ("layer3", 256, 256, 14, 3, 1),
-    ("layer4.down", 256, 512, 14, 3, 2),
-    ("layer4", 512, 512, 7, 3, 1),
-]
+from benchmarks.common import RESNET18  # no dcgraph import: the GPU machine runs this
 
 
 @dataclass(frozen=True)
