@@ -52,7 +52,7 @@ gpu-build: $(STAMP)            ## compile the CUDA modules here for benchmarks/g
 setup: $(STAMP)
 
 arm-setup: $(STAMP)            ## emulated aarch64 for the TVM tests: qemu, cross gcc, arm64 Python + TVM (~1 min once)
-	$(BIN)/python -m dcgraph.backends.tvm.emulation
+	$(BIN)/python -m dcgraph.backends.tvm.remote
 
 # torch 2.13.0 first, by exact version: it is the CPU build on this machine's local disk;
 # a loose "torch" would pull a multi-GB CUDA build.

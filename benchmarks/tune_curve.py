@@ -49,7 +49,7 @@ from dcgraph.backends.tvm import compiler, targets
 from dcgraph.backends.tvm.lowering import emit_conv_deep_control
 from dcgraph.backends.tvm.pipeline import fuse
 from dcgraph.backends.tvm.schedules import SCHEDULED, schedule_func_cpu, vector_lanes
-from dcgraph.backends.tvm.tune import database_dir, extract_tasks, tune
+from dcgraph.backends.tvm.tuning import database_dir, extract_tasks, tune
 
 try:
     from benchmarks.common import RESNET18, machine_info, time_interleaved, write_results

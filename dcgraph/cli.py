@@ -443,7 +443,7 @@ def _tune(args: argparse.Namespace) -> int:
     import torch
 
     from dcgraph.backends.tvm import targets
-    from dcgraph.backends.tvm.tune import TuneError, tune
+    from dcgraph.backends.tvm.tuning import TuneError, tune
 
     if (args.rpc is None) != (args.key is None):
         raise ValueError("--rpc HOST:PORT and --key NAME go together")

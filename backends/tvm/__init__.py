@@ -1,14 +1,24 @@
 """TVM lowering of the fused Deep Control op (installed as ``dcgraph.backends.tvm``).
 
 ``compile(model, target="x86"|"arm"|"cuda"|dict, example_inputs)`` -> :class:`CompiledModel`
-(call it, ``.export(path)``, :func:`load` it back, ``.remote(session)`` for RPC devices).
-Modules: :mod:`.kernels` (TE definitions), :mod:`.lowering` (emit into Relax),
-:mod:`.frontends` (torch.export / ONNX importers), :mod:`.fuse_plain` (Relax pattern fusion),
-:mod:`.schedules` (default CPU schedule), :mod:`.gpu` (default CUDA schedule),
-:mod:`.pipeline`, :mod:`.targets` (presets), :mod:`.emulation` (ARM under qemu + RPC).
+(call it, ``.export(path)``, :func:`load` it back, ``.remote(session)`` for RPC devices);
+``tuning.tune(...)`` autotunes a model's kernels into a database ``compile`` applies.
+The rooms, in the order a model passes through them (see ARCHITECTURE.md):
+
+- :mod:`.frontends`: any model kind -> Relax (torch.export, ONNX), dcgraph's passes first;
+- :mod:`.lowering` (emit the fused op, its options), :mod:`.kernels` (TE definitions),
+  :mod:`.fuse_plain` (Deep Control written as plain Relax ops);
+- :mod:`.pipeline` (TVM's fusion, records, default schedules, lowering), :mod:`.schedules`
+  (the default rules: CPU, GPU), :mod:`.database` (one tuning database per target);
+- :mod:`.compiler` (``compile``), :mod:`.runtime` (``CompiledModel``, ``load``, RPC models);
+- :mod:`.tuning` (MetaSchedule tasks, measurement, report, the loop);
+- :mod:`.remote` (RPC tracker/server processes, the emulated arm64 root and its server);
+- :mod:`.targets` (presets), :mod:`.errors` (every error raised on purpose).
 """
 
-from .compiler import CompiledModel, CompileError, compile, load
-from .targets import PRESETS, TargetError, resolve
+from .compiler import compile
+from .errors import CompileError, TargetError
+from .runtime import CompiledModel, load
+from .targets import PRESETS, resolve
 
 __all__ = ["PRESETS", "CompileError", "CompiledModel", "TargetError", "compile", "load", "resolve"]

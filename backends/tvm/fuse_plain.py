@@ -39,7 +39,8 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.dpl import DFPattern, WildcardPattern, is_const, is_op, wildcard
 
-from .lowering import PLANS, emit_conv_deep_control
+from .lowering import LoweringOptions, current_options, emit_conv_deep_control
+from .lowering import options as lowering_options
 
 CONV_LAYOUTS = {  # conv op -> (data/out layout, kernel layout) the kernels implement
     "relax.nn.conv1d": ("NCW", "OIW"),
@@ -330,10 +331,9 @@ class _Matcher:
 class _Emitter(relax.PyExprMutator):
     """Re-emits each function, replacing every matched root by dcgraph's kernels."""
 
-    def __init__(self, mod: tvm.IRModule, matches: dict[relax.Var, DcMatch], plan: str) -> None:
+    def __init__(self, mod: tvm.IRModule, matches: dict[relax.Var, DcMatch]) -> None:
         super().__init__(mod)
         self.matches = matches
-        self.plan = plan
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         match = self.matches.get(binding.var)
@@ -348,7 +348,7 @@ class _Emitter(relax.PyExprMutator):
         out = emit_conv_deep_control(
             self.builder_, self.visit_expr(match.x), self.visit_expr(match.w), const(match.bias),
             const(match.a), const(match.g), const(match.b), act=match.act, negative_slope=match.alpha,
-            plan=self.plan, **match.conv)
+            **match.conv)
         if isinstance(binding.var, relax.DataflowVar):
             self.set_var_remap(binding.var, out)
         else:  # a block output: keep the var, bound to the kernels' result
@@ -360,13 +360,12 @@ def find_plain_deep_control(func: relax.Function) -> list[DcMatch]:
     return list(_Matcher(func).find().values())
 
 
-def fuse_plain_deep_control(mod: tvm.IRModule, plan: str = "auto") -> tuple[tvm.IRModule, int]:
-    """Replace every plain ``conv -> Deep Control [-> act]`` of ``mod``'s Relax functions.
+def fuse_plain_deep_control(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
+    """Replace every plain ``conv -> Deep Control [-> act]`` of ``mod``'s Relax functions
+    (lowered with the options in force: :func:`.lowering.options`).
 
     Returns ``(new module, number of chains replaced)``; with no match, ``mod`` itself.
     """
-    if plan not in PLANS:
-        raise ValueError(f"unknown plan {plan!r}; expected one of {', '.join(PLANS)}")
     folded = relax.transform.FoldConstant()(mod)
     per_func = {}
     for gv, func in folded.functions_items():
@@ -376,7 +375,7 @@ def fuse_plain_deep_control(mod: tvm.IRModule, plan: str = "auto") -> tuple[tvm.
                 per_func[gv] = matches
     if not per_func:
         return mod, 0
-    emitter = _Emitter(folded, {k: v for m in per_func.values() for k, v in m.items()}, plan)
+    emitter = _Emitter(folded, {k: v for m in per_func.values() for k, v in m.items()})
     for gv in per_func:
         new = emitter.visit_expr(folded[gv])
         emitter.builder_.update_func(gv, relax.analysis.remove_all_unused(new))
@@ -385,16 +384,18 @@ def fuse_plain_deep_control(mod: tvm.IRModule, plan: str = "auto") -> tuple[tvm.
 
 @tvm.transform.module_pass(opt_level=0, name="dcgraph.FusePlainDeepControl")
 class FusePlainDeepControl:
-    """Module pass form of :func:`fuse_plain_deep_control`; ``.count`` holds the last run's rewrites."""
+    """Module pass form of :func:`fuse_plain_deep_control`; ``.count`` holds the last run's rewrites.
 
-    def __init__(self, plan: str = "auto") -> None:
-        if plan not in PLANS:
-            raise ValueError(f"unknown plan {plan!r}; expected one of {', '.join(PLANS)}")
-        self.plan = plan
+    A pass runs later than it is made: it keeps the lowering options in force when it was made
+    (or ``options``), and lowers with them whenever it runs."""
+
+    def __init__(self, options: LoweringOptions | None = None) -> None:
+        self.options = options or current_options()
         self.count = 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        mod, self.count = fuse_plain_deep_control(mod, self.plan)
+        with lowering_options(plan=self.options.plan):
+            mod, self.count = fuse_plain_deep_control(mod)
         return mod
 
 

@@ -12,11 +12,20 @@ conv that does ``C_in/groups * k^2`` MACs per output but as large as the conv it
 0.52-0.59x on MobileNetV2 / EfficientNet-B0 depthwise blocks at batch 1, 0.80x at batch 8;
 on dense convs 0.88-1.04x at batch 1 but up to 1.6x at batch 8 (a 1x1 expand whose 14 MB
 output no longer fits in cache for the second pass), so dense convs stay hoisted.
+
+**Options.** How the op is lowered (today: ``plan``) is :class:`LoweringOptions`, set once for
+a whole import with :func:`options` (``with options(plan="two_pass"): ...``; ``compile`` and
+``tune`` do it for their ``plan=`` argument) and read by :func:`emit_conv_deep_control`, so
+the frontends and the plain-ops fusion between the entry point and the emitter carry nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 from tvm import relax
 
@@ -26,6 +35,45 @@ from . import kernels
 
 PLANS = ("auto", "hoisted", "two_pass")
 KERNEL_ATTR = "dcgraph.kernel"  # marks the PrimFuncs dcgraph emitted (schedules and reports read it)
+
+
+@dataclass(frozen=True)
+class LoweringOptions:
+    """How the fused op is lowered. ``plan``: ``auto`` (default), ``hoisted`` or ``two_pass``."""
+
+    plan: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.plan not in PLANS:
+            raise ValueError(f"unknown plan {self.plan!r}; expected one of {', '.join(PLANS)}")
+
+
+_DEFAULTS = LoweringOptions()
+_OPTIONS: contextvars.ContextVar[LoweringOptions | None] = contextvars.ContextVar(
+    "dcgraph_lowering_options", default=None)
+
+
+def current_options() -> LoweringOptions:
+    """The options in force (the defaults outside any :func:`options` block)."""
+    return _OPTIONS.get() or _DEFAULTS
+
+
+@contextlib.contextmanager
+def options(**changes: Any) -> Iterator[LoweringOptions]:
+    """Lower with these options inside the block (``None`` values keep the current ones)."""
+    new = replace(current_options(), **{k: v for k, v in changes.items() if v is not None})
+    token = _OPTIONS.set(new)
+    try:
+        yield new
+    finally:
+        _OPTIONS.reset(token)
+
+
+def kernel_origin(name: str, attrs: Mapping[str, Any] | None) -> str:
+    """``"dcgraph"`` for a PrimFunc dcgraph emitted, else ``"tvm"``. FuseOps renames a dcgraph
+    kernel it merged a residual add into (``fused_dc_conv2_add_relu``) and may drop the mark,
+    so the name counts too."""
+    return "dcgraph" if KERNEL_ATTR in (attrs or {}) or "dc_" in name else "tvm"
 
 
 def _ints(v: int | Sequence[int], nd: int, name: str) -> list[int]:
@@ -53,12 +101,13 @@ def emit_conv_deep_control(
     a: relax.Expr, g: relax.Expr, b: relax.Expr, *,
     stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
     dilation: int | Sequence[int] = 1, groups: int = 1,
-    act: str = "identity", negative_slope: float = 0.01, plan: str = "auto",
+    act: str = "identity", negative_slope: float = 0.01, plan: str | None = None,
 ) -> relax.Var:
-    """Emit ``act(g * (y - a * mean_S(y)) + b)`` for ``y = conv(x, w) + bias``; returns the output var."""
+    """Emit ``act(g * (y - a * mean_S(y)) + b)`` for ``y = conv(x, w) + bias``; returns the output var.
+
+    ``plan``: this call's plan; None (the frontends' way) takes :func:`current_options`'s."""
     check_act(act)
-    if plan not in PLANS:
-        raise ValueError(f"unknown plan {plan!r}; expected one of {', '.join(PLANS)}")
+    plan = LoweringOptions(plan).plan if plan is not None else current_options().plan
     nd = len(x.ty.shape) - 2
     if nd not in (1, 2, 3):
         raise ValueError(f"Deep Control conv needs 1-3 spatial dims, got input rank {nd + 2}")

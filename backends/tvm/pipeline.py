@@ -2,7 +2,7 @@
 
 ``legalize -> annotate -> fold constants -> FuseOps -> FuseTIR -> [tuned records] ->
 default schedules -> TVM's lowering``. Tuned records (a MetaSchedule database) win where
-they match; every other PrimFunc gets :mod:`.schedules` (CPU) or :mod:`.gpu` rules, and
+they match; every other PrimFunc gets the rules of :mod:`.schedules` (CPU or GPU), and
 :func:`kernel_report` says which kernel got what.
 """
 
@@ -15,41 +15,8 @@ from tvm import relax, tirx
 from tvm.relax.backend.cpu_generic import pipeline as cpu_backend
 from tvm.relax.backend.cuda import pipeline as cuda_backend
 
-from . import schedules
-from .lowering import KERNEL_ATTR
-from .targets import is_gpu
-
-
-@tvm.transform.module_pass(opt_level=0, name="dcgraph.DefaultSchedule")
-class DefaultSchedule:
-    """Schedule every not-yet-scheduled PrimFunc of the module for ``target``."""
-
-    def __init__(self, target: tvm.target.Target) -> None:
-        self.target = target
-
-    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        if is_gpu(self.target):
-            from . import gpu
-            return gpu.default_schedule(mod, self.target)
-        lanes = schedules.vector_lanes(self.target)
-        updates = {}
-        for gv, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or schedules.SCHEDULED in (func.attrs or {}):
-                continue
-            if _tuned(func):
-                continue
-            new = schedules.schedule_func_cpu(func, lanes)
-            if new is not None:
-                updates[gv] = new
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
-
-
-def _tuned(func: tirx.PrimFunc) -> bool:
-    attrs = func.attrs or {}
-    scheduled = attrs.get("tirx.is_scheduled", attrs.get("tir.is_scheduled", False))  # 0.27 spells it tirx
-    return bool(scheduled) and schedules.SCHEDULED not in attrs
+from .lowering import kernel_origin
+from .schedules import SCHEDULED, DefaultSchedule, is_tuned
 
 
 def _backend(target: tvm.target.Target):
@@ -58,7 +25,7 @@ def _backend(target: tvm.target.Target):
 
 def fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Legalize and fuse ``mod``: its PrimFuncs are then the kernels that get tuned or scheduled
-    (what :mod:`.tune` extracts as tasks, and what :func:`optimize` schedules)."""
+    (what :mod:`.tuning` extracts as tasks, and what :func:`optimize` schedules)."""
     passes = [
         *_backend(target).library_dispatch_passes(target),
         relax.transform.LegalizeOps(),
@@ -120,11 +87,10 @@ def kernel_report(mod: tvm.IRModule) -> list[KernelInfo]:
         if not isinstance(func, tirx.PrimFunc):
             continue
         attrs = func.attrs or {}
-        # FuseOps renames a dcgraph conv it merged a residual add into (fused_dc_conv2_add_relu)
-        origin = "dcgraph" if KERNEL_ATTR in attrs or "dc_" in gv.name_hint else "tvm"
-        if _tuned(func):
+        origin = kernel_origin(gv.name_hint, attrs)
+        if is_tuned(func):
             schedule = "tuned"
-        elif schedules.SCHEDULED in attrs:
+        elif SCHEDULED in attrs:
             schedule = "default"
         else:
             schedule = "none"

@@ -18,6 +18,8 @@ from typing import Any
 
 import tvm
 
+from .errors import TargetError
+
 # aarch64 with NEON, as in a Raspberry Pi 4 / AWS Graviton 1 (cortex-a72); cross-compiled here.
 ARM = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "mcpu": "cortex-a72"}
 # Hopper by default; "cuda-sm80" for Ampere. The thread/shared-memory limits let dlight and
@@ -26,9 +28,8 @@ CUDA = {"kind": "cuda", "arch": "sm_90", "max_threads_per_block": 1024, "max_num
         "thread_warp_size": 32, "max_shared_memory_per_block": 49152, "registers_per_block": 65536}
 PRESETS = ("x86", "arm", "cuda", "cuda-sm80")
 
-
-class TargetError(ValueError):
-    """A target dcgraph cannot build for, with the reason in one line."""
+__all__ = ["ARM", "CUDA", "PRESETS", "TargetError", "describe", "host_cpu", "is_arm", "is_gpu", "resolve",
+           "runs_here", "x86"]
 
 
 def host_cpu() -> str:

@@ -119,7 +119,7 @@ class _Model:
                     raise H.NotYet("no tuning database: pass --db DIR (written by dcgraph tune)")
                 db = self.db
                 if self.tune_trials:
-                    from dcgraph.backends.tvm.tune import tune
+                    from dcgraph.backends.tvm.tuning import tune
 
                     tune(self.bn, self.target, x, trials=self.tune_trials, db=db, progress=False)
                     info["tune_s"] = round(time.perf_counter() - t0, 1)

@@ -221,7 +221,7 @@ def _tvm_row(kind: str, s: OpShape, t: dict, st: Settings, info: dict):
         from dcgraph.backends.tvm import compiler
 
         if st.tune_trials:
-            from dcgraph.backends.tvm.tune import tune
+            from dcgraph.backends.tvm.tuning import tune
 
             t0 = time.perf_counter()
             tune(tvm_module("fused", s, t), st.target, None, trials=st.tune_trials, db=st.db, convert=False,

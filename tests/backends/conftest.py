@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def arm_remote():
     """A TVM RPC session on the emulated aarch64 server (skips only where set-up is impossible)."""
-    from dcgraph.backends.tvm.emulation import ArmRpcServer, EmulationUnavailable, ensure_arm_root
+    from dcgraph.backends.tvm.remote import ArmRpcServer, EmulationUnavailable, ensure_arm_root
 
     try:
         root = ensure_arm_root()

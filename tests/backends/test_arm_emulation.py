@@ -19,8 +19,8 @@ import pytest
 tvm = pytest.importorskip("tvm")
 from tvm import relax, te  # noqa: E402
 
-import dcgraph.backends.tvm.emulation as em  # noqa: E402
-from dcgraph.backends.tvm.emulation import (  # noqa: E402
+import dcgraph.backends.tvm.remote.arm_root as em  # noqa: E402
+from dcgraph.backends.tvm.remote import (  # noqa: E402
     ARM_TARGET,
     ArmRoot,
     ArmRpcError,

@@ -20,7 +20,8 @@ if tvm.base._RUNTIME_ONLY:
 from tvm import relax  # noqa: E402
 from tvm.support import nvcc  # noqa: E402
 
-from dcgraph.backends.tvm import gpu, targets  # noqa: E402
+from dcgraph.backends.tvm import targets
+from dcgraph.backends.tvm.schedules import gpu, gpu_conv  # noqa: E402
 from dcgraph.backends.tvm.pipeline import kernel_report, optimize, relax_pipeline  # noqa: E402
 from dcgraph.backends.tvm.schedules import SCHEDULED  # noqa: E402
 from tests.backends.tvm_cases import case_module  # noqa: E402
@@ -186,7 +187,7 @@ def test_max_threads_per_block_is_respected():
 def test_tiling_divides_and_fits():
     for n, c, h, w, rc in [(1, 64, 56, 56, 64), (8, 512, 7, 7, 512), (1, 5, 7, 9, 3), (2, 6, 1, 1, 3)]:
         for max_threads in (1024, 64, 32):
-            t = gpu.pick_tiling(n, c, h, w, rc, max_threads)
+            t = gpu_conv.pick_tiling(n, c, h, w, rc, max_threads)
             assert c % (t.c_thr * t.c_reg) == 0 and h % t.h_thr == 0 and w % (t.w_thr * t.w_reg) == 0
             assert rc % t.rc_in == 0 and 1 <= t.threads <= min(256, max_threads)
 
@@ -210,7 +211,7 @@ def test_register_tile_is_dense(plan):
     from benchmarks.gpu_kernels import case_module as gk_case_module
 
     case = TILE_CASES[0]
-    t = gpu.pick_tiling(case.batch, case.out_channels, *case.size, case.in_channels, 1024)
+    t = gpu_conv.pick_tiling(case.batch, case.out_channels, *case.size, case.in_channels, 1024)
     assert t.w_reg > 1 and t.c_reg > 1, t  # the case must keep a multi-column register tile
     src = cuda_source(gk_case_module(case, plan), target("sm_90"))
     _, _, body = kernels(src)[f"{CONV_KERNEL[plan]}_kernel"]

@@ -23,6 +23,7 @@ from tvm import relax  # noqa: E402
 from dcgraph import onnx_ops, onnx_tools  # noqa: E402
 from dcgraph import reference as R  # noqa: E402
 from dcgraph.backends.tvm.frontends.from_onnx import OnnxFrontendError, from_onnx  # noqa: E402
+from dcgraph.backends.tvm import lowering  # noqa: E402
 from dcgraph.backends.tvm.lowering import KERNEL_ATTR  # noqa: E402
 from dcgraph.backends.tvm.pipeline import relax_pipeline  # noqa: E402
 
@@ -99,7 +100,8 @@ def test_two_pass_plan_and_a_zero_conv_bias():
     case = CASES[0]
     t = dict(case.tensors(torch.float32), bias=torch.zeros(case.out_channels))  # dropped: all zeros
     model = _conv_model(case, t, "leaky_relu")
-    mod = from_onnx(model, plan="two_pass")
+    with lowering.options(plan="two_pass"):  # the lowering options, set once for a whole import
+        mod = from_onnx(model)
     assert _calls(mod)[1] == ["dc_conv_raw", "dc_two_pass"]
     np.testing.assert_allclose(_run(mod, t["x"].numpy()), _reference(case, t, "leaky_relu"), **TOL)
     assert _calls(from_onnx(model))[1] == ["dc_shift", "dc_conv"]
@@ -232,8 +234,8 @@ def test_other_bad_input_raises_clear_errors():
         from_onnx(model)
     with pytest.raises(ValueError, match=r"shape names \['y'\] are not graph inputs"):
         from_onnx(_bad(), shape={"y": (1, 4, 8, 8)})
-    with pytest.raises(ValueError, match="unknown plan"):
-        from_onnx(_bad(), plan="fast")
+    with pytest.raises(ValueError, match="unknown plan"), lowering.options(plan="fast"):
+        from_onnx(_bad())
     dyn, _, _ = _dc_model(4, ("H", "W"), "relu", (4,))
     with pytest.raises(ValueError, match="static C and S"):
         from_onnx(dyn)

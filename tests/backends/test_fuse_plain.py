@@ -19,6 +19,7 @@ from tvm import relax  # noqa: E402
 from tvm.relax.frontend.torch import from_exported_program  # noqa: E402
 
 from dcgraph.backends.tvm import fuse_plain as FP  # noqa: E402
+from dcgraph.backends.tvm import lowering  # noqa: E402
 from dcgraph.backends.tvm.lowering import KERNEL_ATTR, emit_conv_deep_control  # noqa: E402
 from dcgraph.backends.tvm.pipeline import relax_pipeline  # noqa: E402
 
@@ -119,7 +120,8 @@ def test_every_form_and_activation_fuses_and_matches(form):
 def test_1d_and_3d_convs(nd, vec, bias):
     model = PlainDC("g_first", ["relu", "hardswish"], nd=nd, vec=vec, bias=bias)
     x = _x(2, 3, *([9] if nd == 1 else [4, 5, 5]))
-    fused, count = FP.fuse_plain_deep_control(_import(model, x), plan="two_pass" if nd == 3 else "hoisted")
+    with lowering.options(plan="two_pass" if nd == 3 else "hoisted"):
+        fused, count = FP.fuse_plain_deep_control(_import(model, x))
     assert count == 2
     for g, t in zip(_run(fused, x.numpy()), _torch(model, x), strict=True):
         np.testing.assert_allclose(g, t, **TOL)
@@ -162,7 +164,10 @@ def test_module_pass_counts_and_composes():
     again = FP.FusePlainDeepControl()
     assert again(fused).same_as(fused) and again.count == 0  # idempotent: nothing left to match
     with pytest.raises(ValueError, match="unknown plan"):
-        FP.FusePlainDeepControl(plan="fast")
+        FP.FusePlainDeepControl(lowering.LoweringOptions(plan="fast"))
+    with lowering.options(plan="two_pass"):  # a pass keeps the options in force when it was made
+        two_pass = FP.FusePlainDeepControl()
+    assert "dc_two_pass" in _ops(two_pass(mod)) and two_pass.options.plan == "two_pass"
 
 
 def _graph(x_shape: tuple[int, ...] = (2, 3, 8, 8), dtype: str = "float32", **conv

@@ -22,8 +22,8 @@ from torch import nn
 
 from dcgraph.backends.tvm import compile as tvm_compile
 from dcgraph.backends.tvm import targets
-from dcgraph.backends.tvm.compiler import CompileError
-from dcgraph.backends.tvm.tune import (
+from dcgraph.backends.tvm.errors import CompileError
+from dcgraph.backends.tvm.tuning import (
     TuneError,
     database_dir,
     open_database,
@@ -189,7 +189,7 @@ def test_a_killed_tuning_process_keeps_its_records_and_resumes(tmp_path):
 
 
 def _servers(tracker, n: int, key: str):
-    from dcgraph.backends.tvm.rpc import Server
+    from dcgraph.backends.tvm.remote.rpc import Server
 
     servers = [Server(tracker.address, key) for _ in range(n)]
     threads = [threading.Thread(target=s.start) for s in servers]
@@ -201,7 +201,7 @@ def _servers(tracker, n: int, key: str):
 
 
 def test_rpc_tracker_and_two_servers_measure_and_a_dead_fleet_stops_the_run(tmp_path):
-    from dcgraph.backends.tvm.rpc import Tracker
+    from dcgraph.backends.tvm.remote.rpc import Tracker
 
     db = tmp_path / "db"
     with Tracker() as tracker:
@@ -257,8 +257,8 @@ def test_cli_reports_errors_in_one_line(capsys):
 def test_arm_tuning_over_rpc_on_the_emulated_device(tmp_path):
     """The emulated aarch64 server registered with a tracker: cross-compiled candidates measured
     there (timings meaningless), then the tuned model runs there and matches."""
-    from dcgraph.backends.tvm.emulation import ArmRpcServer, EmulationUnavailable, ensure_arm_root
-    from dcgraph.backends.tvm.rpc import Tracker
+    from dcgraph.backends.tvm.remote import ArmRpcServer, EmulationUnavailable, ensure_arm_root
+    from dcgraph.backends.tvm.remote.rpc import Tracker
 
     try:
         root = ensure_arm_root()

@@ -24,7 +24,7 @@ CASES_B = batch_cases()
 @pytest.fixture(scope="module")
 def arm_cases(arm_remote, tmp_path_factory):
     """Every batch case compiled into one library, loaded on the ARM server."""
-    from dcgraph.backends.tvm.emulation import cross_compiler
+    from dcgraph.backends.tvm.remote import cross_compiler
 
     bb = relax.BlockBuilder()
     data = {}

@@ -46,7 +46,7 @@ from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
 from dcgraph import onnx_ops
 
 from .. import kernels
-from ..lowering import KERNEL_ATTR, PLANS, emit_conv_deep_control
+from ..lowering import KERNEL_ATTR, emit_conv_deep_control
 
 DEFAULT_ALPHA = 0.01  # LeakyRelu's default, what the ONNX function body uses without ``alpha``
 
@@ -171,7 +171,7 @@ def _is_zero_const(expr: relax.Expr) -> bool:
 # ------------------------------------------------------------------ the two converters
 
 def convert_deep_control_conv(bb: relax.BlockBuilder, inputs: Sequence[relax.Expr | None],
-                              attr: Mapping[str, Any], plan: str) -> relax.Expr:
+                              attr: Mapping[str, Any]) -> relax.Expr:
     """``DeepControlConv(X, W, B, A, G, Bo)`` -> dcgraph's fused kernels (B may be absent)."""
     where = _where("DeepControlConv", _node_name(attr))
     spec = parse_attrs("DeepControlConv", _node_name(attr), attr)
@@ -213,13 +213,13 @@ def convert_deep_control_conv(bb: relax.BlockBuilder, inputs: Sequence[relax.Exp
         bias = None if _is_zero_const(bias) else _per_channel(bb, where, "B", bias, c_out, dtype)
     a, g, b = (_per_channel(bb, where, n, v, c_out, dtype) for n, v in (("A", a), ("G", g), ("Bo", b)))
     return emit_conv_deep_control(bb, x, w, bias, a, g, b, groups=spec.group, act=spec.act,
-                                  negative_slope=spec.alpha, plan=plan, **conv)
+                                  negative_slope=spec.alpha, **conv)
 
 
 def convert_deep_control(bb: relax.BlockBuilder, inputs: Sequence[relax.Expr | None],
-                         attr: Mapping[str, Any], plan: str) -> relax.Expr:
-    """``DeepControl(Y, A, G, Bo)`` -> the two-pass kernel (mean over Y, then the epilogue)."""
-    del plan  # nothing to hoist: Y is given
+                         attr: Mapping[str, Any]) -> relax.Expr:
+    """``DeepControl(Y, A, G, Bo)`` -> the two-pass kernel (mean over Y, then the epilogue):
+    nothing to hoist, Y is given."""
     where = _where("DeepControl", _node_name(attr))
     spec = parse_attrs("DeepControl", _node_name(attr), attr)
     if len(inputs) != 4:
@@ -304,10 +304,9 @@ def _scalar_shape_reshape(value: relax.Expr, shape: Any, attrs: dict) -> relax.E
 class DcgraphOnnxImporter(ONNXGraphImporter):
     """TVM's ONNX graph importer, with the ``ai.dcgraph`` operators of :data:`CONVERTERS`."""
 
-    def __init__(self, shape_dict: Mapping[str, Sequence[int]] | None, plan: str = "auto") -> None:
+    def __init__(self, shape_dict: Mapping[str, Sequence[int]] | None) -> None:
         # dtype_dict={}: every input keeps the model's own element type
         super().__init__(dict(shape_dict or {}), {}, keep_params_in_input=False, sanitize=True)
-        self.plan = plan
 
     def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
         # TVM's check reads only ``graph.node``: hand it the nodes it is meant to convert
@@ -322,7 +321,7 @@ class DcgraphOnnxImporter(ONNXGraphImporter):
             elif op_name == "Reshape" and _is_scalar_shape_value(inputs[0]):
                 return _scalar_shape_reshape(inputs[0], inputs[1], attrs)
             return super()._convert_operator(op_name, inputs, attrs, opset)
-        return self.bb.normalize(convert(self.bb, inputs, attrs, self.plan))
+        return self.bb.normalize(convert(self.bb, inputs, attrs))
 
 
 def _load(path: Path) -> onnx.ModelProto:
@@ -340,17 +339,15 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 
 def from_onnx(model: onnx.ModelProto | str | Path, shape: dict[str, Sequence[int]] | None = None,
-              plan: str = "auto") -> tvm.IRModule:
+              ) -> tvm.IRModule:
     """Import ``model`` (a proto or a path) into a Relax module ``main``; initializers become constants.
 
     ``shape`` maps graph input names to static shapes (the Deep Control kernels need static
-    channel and spatial sizes; a symbolic batch is fine). ``plan`` is passed to
-    :func:`..lowering.emit_conv_deep_control` (``"auto"``, ``"hoisted"`` or ``"two_pass"``). Raises
+    channel and spatial sizes; a symbolic batch is fine). Lowering options (the plan) come from
+    :func:`..lowering.options`. Raises
     ``ValueError`` for inputs this frontend cannot take (bad attribute values, unknown input
     names, a model TVM's importer has no converter for).
     """
-    if plan not in PLANS:
-        raise OnnxFrontendError(f"unknown plan {plan!r}; expected one of {', '.join(PLANS)}")
     if isinstance(model, str | Path):
         model = _load(Path(model))
     if not isinstance(model, onnx.ModelProto):
@@ -363,7 +360,7 @@ def from_onnx(model: onnx.ModelProto | str | Path, shape: dict[str, Sequence[int
     if unknown:
         raise OnnxFrontendError(f"shape names {unknown} are not graph inputs; the inputs are {names}")
     _validate_dcgraph_nodes(model)
-    importer = DcgraphOnnxImporter(shape, plan)
+    importer = DcgraphOnnxImporter(shape)
     printed = io.StringIO()  # TVM prints a failing node's inputs (all metadata) before re-raising
     try:
         with contextlib.redirect_stdout(printed):

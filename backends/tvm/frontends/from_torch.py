@@ -25,25 +25,26 @@ class ImportError_(ValueError):
     """A program TVM's importer cannot take, with the reason in one line."""
 
 
-def _converter(plan: str):
-    def convert(node: fx.Node, importer: Any) -> tvm.relax.Var:
-        args = importer.retrieve_args(node)
-        names = ("x", "weight", "bias", "a", "g", "b", "stride", "padding", "dilation", "groups",
-                 "act", "negative_slope")
-        values = dict(zip(names, args, strict=False))
-        for k, v in node.kwargs.items():
-            values[k] = importer.env[v] if isinstance(v, fx.Node) else v
-        return emit_conv_deep_control(
-            importer.block_builder, values["x"], values["weight"], values["bias"], values["a"],
-            values["g"], values["b"], stride=values["stride"], padding=values["padding"],
-            dilation=values["dilation"], groups=values["groups"], act=values["act"],
-            negative_slope=values["negative_slope"], plan=plan)
+def convert_conv_deep_control(node: fx.Node, importer: Any) -> tvm.relax.Var:
+    """One ``dcgraph::conv_deep_control`` call -> dcgraph's fused kernels (the plan in force:
+    :func:`..lowering.options`)."""
+    args = importer.retrieve_args(node)
+    names = ("x", "weight", "bias", "a", "g", "b", "stride", "padding", "dilation", "groups",
+             "act", "negative_slope")
+    values = dict(zip(names, args, strict=False))
+    for k, v in node.kwargs.items():
+        values[k] = importer.env[v] if isinstance(v, fx.Node) else v
+    return emit_conv_deep_control(
+        importer.block_builder, values["x"], values["weight"], values["bias"], values["a"],
+        values["g"], values["b"], stride=values["stride"], padding=values["padding"],
+        dilation=values["dilation"], groups=values["groups"], act=values["act"],
+        negative_slope=values["negative_slope"])
 
-    return convert
 
+def from_torch(program: torch.export.ExportedProgram) -> tvm.IRModule:
+    """Import an exported program (parameters bound as constants) into a Relax module ``main``.
 
-def from_torch(program: torch.export.ExportedProgram, plan: str = "auto") -> tvm.IRModule:
-    """Import an exported program (parameters bound as constants) into a Relax module ``main``."""
+    Lowering options (the plan) come from :func:`..lowering.options`."""
     if not isinstance(program, torch.export.ExportedProgram):
         raise TypeError(f"expected a torch.export.ExportedProgram, got {type(program).__name__}")
     for node in program.graph.nodes:
@@ -51,7 +52,7 @@ def from_torch(program: torch.export.ExportedProgram, plan: str = "auto") -> tvm
             raise ImportError_("the program contains the training backward of the fused op; "
                                "export the model in eval mode under torch.no_grad()")
     try:
-        return from_exported_program(program, custom_convert_map={OP_NAME: _converter(plan)},
+        return from_exported_program(program, custom_convert_map={OP_NAME: convert_conv_deep_control},
                                      unwrap_unit_return_tuple=True)
     except KeyError as err:  # TVM's importer raises KeyError for an ATen op it has no converter for
         raise ImportError_(f"TVM's torch importer has no converter for {err}; "

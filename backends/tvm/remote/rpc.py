@@ -3,7 +3,7 @@ tracker / server processes dcgraph starts itself (tests, benchmarks, a quick loc
 
 A fleet is TVM's stock pieces: ``python -m tvm.exec.rpc_tracker`` on one machine and
 ``python -m tvm.exec.rpc_server --tracker HOST:PORT --key NAME`` on every device (the
-emulated arm64 server of :mod:`.emulation` registers the same way). :mod:`.tune` builds
+emulated arm64 server of :mod:`.arm_server` registers the same way). :mod:`..tuning` builds
 kernels on this machine and asks the tracker for a device of the key for each measurement.
 
 TVM's own client blocks where a tuning loop must not: ``connect_tracker`` retries a refused
@@ -12,12 +12,15 @@ is free. :func:`request_session` asks the tracker's summary first (a socket with
 fails at once when no server of the key is registered, and gives up on a request that is not
 served within ``timeout`` seconds. Errors are :class:`DeviceUnavailable`, one line each.
 
-:class:`Tracker` and :class:`Server` start the stock modules as subprocesses (each its own
-process group, killed on exit) and listen on 127.0.0.1 unless told otherwise.
+:class:`RpcProcess` runs one such program as a subprocess (its own process group, killed on
+exit); :class:`Tracker` and :class:`Server` are the stock modules on this machine and
+:class:`.arm_server.ArmRpcServer` the stock server under the emulated arm64 Python. They listen
+on 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -33,8 +36,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DeviceUnavailable", "Server", "Tracker", "count_servers", "parse_address", "request_session",
-           "stop_process_group", "tracker_summary"]
+from ..errors import DeviceUnavailable
+
+__all__ = ["DeviceUnavailable", "RpcProcess", "Server", "Tracker", "count_servers", "free_port",
+           "parse_address", "registered", "request_session", "stop_process_group", "tracker_summary"]
 
 
 def stop_process_group(proc: subprocess.Popen, signals: Sequence[int] = (signal.SIGTERM, signal.SIGKILL),
@@ -47,10 +52,6 @@ def stop_process_group(proc: subprocess.Popen, signals: Sequence[int] = (signal.
             os.killpg(proc.pid, sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(5)
-
-
-class DeviceUnavailable(RuntimeError):
-    """No device of the key can be reached through the tracker; ``str(exc)`` is one line."""
 
 
 def parse_address(addr: str) -> tuple[str, int]:
@@ -118,22 +119,40 @@ def request_session(host: str, port: int, key: str, *, timeout: float = 60.0,
     return box["session"]
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
+    """A TCP port nobody listens on at ``host`` right now (another process may take it first)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
-class _Process:
-    """A stock TVM RPC module run as a subprocess in its own process group, output in a log file."""
+def tail(text: str | bytes | None, lines: int = 15) -> str:
+    """The last ``lines`` lines of a process's output."""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return "\n".join((text or "").strip().splitlines()[-lines:])
+
+
+class RpcProcess:
+    """A TVM RPC program run as a subprocess in its own process group, its output in a log file.
+
+    Subclasses give :meth:`_command` and :meth:`_ready` (and may read start-up failures from the
+    log in :meth:`_failure`). :meth:`start` waits until the process is ready, picks another free
+    port when the first one was taken before the process bound it, and raises :attr:`error`
+    with the log's last lines when it exits or is not ready in ``timeout`` seconds. The whole
+    process group (the server's forked session workers too) is killed on :meth:`stop`, on
+    leaving the ``with`` block and at interpreter exit.
+    """
 
     name = "process"
+    error: type[Exception] = DeviceUnavailable
 
     def __init__(self, host: str, port: int | None, timeout: float) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
         self.proc: subprocess.Popen[bytes] | None = None
+        self.start_seconds: float | None = None
         self._logdir: Path | None = None
 
     def _command(self) -> list[str]:
@@ -141,6 +160,13 @@ class _Process:
 
     def _ready(self) -> bool:
         raise NotImplementedError
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def _failure(self, log: str) -> str | None:
+        """A start-up failure the log shows before the process exits (None: none yet)."""
+        return None
 
     def __enter__(self):
         self.start()
@@ -153,31 +179,61 @@ class _Process:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def log_path(self) -> Path | None:
+        """The process's combined stdout/stderr while it runs."""
+        return self._logdir / "log.txt" if self._logdir else None
+
     def log(self) -> str:
         try:
-            return (self._logdir / "log.txt").read_text(errors="replace") if self._logdir else ""
+            return self.log_path.read_text(errors="replace") if self.log_path else ""
         except OSError:
             return ""
 
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines the process printed."""
+        return tail(self.log(), lines)
+
     def start(self) -> None:
+        """Start the process and wait (up to ``timeout`` s) until it is ready."""
         if self.proc is not None:
             return
-        if self.port is None:
-            self.port = _free_port(self.host)
-        self._logdir = Path(tempfile.mkdtemp(prefix=f"dcgraph-{self.name}-"))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        auto_port = self.port is None
+        for attempt in range(3):
+            if auto_port:
+                self.port = free_port(self.host)
+            try:
+                self._launch()
+                return
+            except self.error as exc:  # another process took the free port first: try another
+                if not (auto_port and attempt < 2 and "cannot bind to any port" in str(exc)):
+                    raise
+
+    def _launch(self) -> None:
+        self._logdir = Path(tempfile.mkdtemp(prefix=f"dcgraph-{self.name.replace(' ', '-')}-"))
+        t0 = time.monotonic()
         with open(self._logdir / "log.txt", "wb") as logf:
             self.proc = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, stdout=logf,
-                                         stderr=subprocess.STDOUT, cwd=self._logdir, env=env,
+                                         stderr=subprocess.STDOUT, cwd=self._logdir, env=self._env(),
                                          start_new_session=True)
-        deadline = time.monotonic() + self.timeout
-        while not self._ready():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = " | ".join(self.log().strip().splitlines()[-3:])
-                self.stop()
-                raise DeviceUnavailable(f"the RPC {self.name} on {self.host}:{self.port} did not start: "
-                                        f"{tail}")
-            time.sleep(0.2)
+        atexit.register(self.stop)
+        try:
+            while not self._ready():
+                rc = self.proc.poll()
+                if rc is not None:
+                    raise self.error(f"the {self.name} on {self.address} exited with code {rc} during "
+                                     f"start-up; its output:\n{self.log_tail()}")
+                why = self._failure(self.log())
+                if why is not None:
+                    raise self.error(f"{why}:\n{self.log_tail()}")
+                if time.monotonic() > t0 + self.timeout:
+                    raise self.error(f"the {self.name} on {self.address} was not ready after "
+                                     f"{self.timeout:.0f} s; its output:\n{self.log_tail() or '(none)'}")
+                time.sleep(0.2)
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = time.monotonic() - t0
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Kill the process group (the server's forked session workers too), keep the log."""
@@ -185,7 +241,9 @@ class _Process:
             stop_process_group(self.proc, (sig,))
 
     def stop(self) -> None:
+        """Kill the whole process group and remove the log (idempotent)."""
         proc, self.proc = self.proc, None
+        atexit.unregister(self.stop)
         if proc is not None:
             stop_process_group(proc)
         if self._logdir is not None:
@@ -193,10 +251,17 @@ class _Process:
             self._logdir = None
 
 
-class Tracker(_Process):
+def registered(summary: dict[str, Any], key: str, port: int | None) -> bool:
+    """Whether a tracker summary lists a server of ``key`` listening on ``port``."""
+    return any(int((i.get("addr") or [None, 0])[1] or 0) == port
+               and str(i.get("key", "")).partition(":")[2] == key
+               for i in summary.get("server_info", []))
+
+
+class Tracker(RpcProcess):
     """``python -m tvm.exec.rpc_tracker`` on ``host:port`` (127.0.0.1 and a free port by default)."""
 
-    name = "tracker"
+    name = "RPC tracker"
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None, timeout: float = 30.0) -> None:
         super().__init__(host, port, timeout)
@@ -216,12 +281,12 @@ class Tracker(_Process):
         return tracker_summary(self.host, self.port)
 
 
-class Server(_Process):
+class Server(RpcProcess):
     """``python -m tvm.exec.rpc_server`` registered with ``tracker`` under ``key`` (this machine's CPU).
 
     :meth:`sessions` counts the sessions it served, from its log."""
 
-    name = "server"
+    name = "RPC server"
 
     def __init__(self, tracker: str, key: str, host: str = "127.0.0.1", port: int | None = None,
                  timeout: float = 60.0) -> None:
@@ -236,12 +301,9 @@ class Server(_Process):
 
     def _ready(self) -> bool:
         try:
-            summary = tracker_summary(*self.tracker, timeout=1)
+            return registered(tracker_summary(*self.tracker, timeout=1), self.key, self.port)
         except DeviceUnavailable:
             return False
-        return any(int((i.get("addr") or [None, 0])[1] or 0) == self.port
-                   and str(i.get("key", "")).partition(":")[2] == self.key
-                   for i in summary.get("server_info", []))
 
     def sessions(self) -> int:
         return self.log().count("connected from")

@@ -14,50 +14,21 @@ convolution schedule and a comparison measures fusion only):
 - the outer output loops are fused and run in parallel; zero padding is its own parallel
   stage (inlined, it would put a branch in the inner loop).
 
-:func:`schedule_reduction_cpu` parallelises the small hoisted-shift kernels.
-:func:`default_schedule_pass` applies them to a module; GPU targets use
+:func:`schedule_reduction_cpu` parallelises the small hoisted-shift kernels,
+:func:`schedule_two_pass_cpu` the two-pass kernel. :data:`CPU_RULES` orders them; the
+package (:mod:`dcgraph.backends.tvm.schedules`) applies them to a module; GPU targets use
 :mod:`.gpu` (dlight rules plus a conv rule).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import tvm
-from tvm import s_tir, tirx
+from tvm import tirx
 from tvm.s_tir import Schedule
 
-SCHEDULED = "dcgraph.schedule"
-
-
-def _extent(sch: Schedule, loop: s_tir.schedule.LoopRV) -> int | None:
-    ext = sch.get(loop).extent
-    return int(ext) if isinstance(ext, tirx.IntImm) else None
-
-
-def _iter_kinds(sch: Schedule, block: s_tir.schedule.SBlockRV) -> list[int]:
-    return [int(iv.iter_type) for iv in sch.get(block).iter_vars]
-
-
-def find_conv_block(sch: Schedule) -> s_tir.schedule.SBlockRV | None:
-    """The convolution block: >= 3 spatial iterators (N, C, *spatial), >= 2 reduction iterators
-    (input channels, kernel taps), two inputs (data, weight)."""
-    best = None
-    for block in sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []:
-        kinds = _iter_kinds(sch, block)
-        n_spatial = kinds.count(0)
-        n_reduce = kinds.count(2)
-        if n_reduce >= 2 and n_spatial >= 3 and len(kinds) == n_spatial + n_reduce:
-            body = sch.get(block)
-            if len(body.writes) == 1 and len(body.writes[0].region) == n_spatial and len(body.reads) >= 2:
-                best = block
-    return best
-
-
-def _has_root(sch: Schedule) -> bool:
-    try:
-        sch.get_sblock("root")
-    except Exception:  # TVM raises a generic error for a missing block
-        return False
-    return True
+from .common import SCHEDULED, conv_stages, extent, has_root, iter_kinds
 
 
 def _pick_tile(extent: int | None, choices: tuple[int, ...]) -> int:
@@ -86,22 +57,6 @@ def _width_tile(extent: int | None, lanes: int) -> int:
     return extent if extent < lanes else 1
 
 
-def conv_stages(sch: Schedule):
-    """``(conv, producers, consumers)`` of the PrimFunc in ``sch`` (None if it has no conv block),
-    with every stage after the conv but the last inlined into the last one (they are all
-    elementwise on the conv output: Deep Control's epilogue, a fused residual add, relu)."""
-    conv = find_conv_block(sch)
-    if conv is None:
-        return None
-    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
-    names = [sch.get(b).name_hint for b in blocks]
-    idx = names.index(sch.get(conv).name_hint)
-    producers, consumers = blocks[:idx], blocks[idx + 1:]
-    for block in consumers[:-1]:
-        sch.compute_inline(block)
-    return conv, producers, consumers[-1:]
-
-
 def schedule_conv_cpu(sch: Schedule, lanes: int = 8) -> bool:
     """Schedule the PrimFunc in ``sch`` if it holds a convolution block; return whether it did."""
     stages = conv_stages(sch)
@@ -111,12 +66,12 @@ def schedule_conv_cpu(sch: Schedule, lanes: int = 8) -> bool:
     # A conv with no epilogue writes its output through a register tile too.
     out = consumers[-1] if consumers else sch.cache_write(conv, 0, "local")
 
-    kinds = _iter_kinds(sch, conv)
+    kinds = iter_kinds(sch, conv)
     n_spatial = kinds.count(0)
     loops = sch.get_loops(conv)
     spatial, reduce_ = loops[:n_spatial], loops[n_spatial:]
-    c_ext = _extent(sch, spatial[1])
-    w_ext = _extent(sch, spatial[-1])
+    c_ext = extent(sch, spatial[1])
+    w_ext = extent(sch, spatial[-1])
     wi_n = _width_tile(w_ext, lanes)
     ci_n = _pick_tile(c_ext, (8, 4, 2))
     co, ci = sch.split(spatial[1], [None, ci_n])
@@ -138,8 +93,8 @@ def schedule_conv_cpu(sch: Schedule, lanes: int = 8) -> bool:
         ploops = sch.get_loops(block)
         if len(ploops) >= 2:
             sch.parallel(sch.fuse(ploops[0], ploops[1]))
-            if _extent(sch, ploops[-1]):
-                _, vec = sch.split(ploops[-1], [None, _pick_tile(_extent(sch, ploops[-1]), (lanes, 4, 2))])
+            if extent(sch, ploops[-1]):
+                _, vec = sch.split(ploops[-1], [None, _pick_tile(extent(sch, ploops[-1]), (lanes, 4, 2))])
                 sch.vectorize(vec)
     return True
 
@@ -147,15 +102,15 @@ def schedule_conv_cpu(sch: Schedule, lanes: int = 8) -> bool:
 def schedule_reduction_cpu(sch: Schedule, min_parallel: int = 16) -> bool:
     """Run the outer spatial loops of every block in parallel (the hoisted-shift kernels, pooling,
     means): blocks whose two outer loops (N, C) are spatial with at least ``min_parallel`` iterations."""
-    if not _has_root(sch):
+    if not has_root(sch):
         return False
     done = False
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         loops = sch.get_loops(block)
-        kinds = _iter_kinds(sch, block)
+        kinds = iter_kinds(sch, block)
         if len(loops) < 2 or len(kinds) < 2 or kinds[0] != 0 or kinds[1] != 0:
             continue
-        extents = [_extent(sch, loop) for loop in loops[:2]]
+        extents = [extent(sch, loop) for loop in loops[:2]]
         if None in extents or extents[0] * extents[1] < min_parallel:
             continue
         sch.parallel(sch.fuse(loops[0], loops[1]))
@@ -173,13 +128,13 @@ def schedule_mean_cpu(sch: Schedule, lanes: int = 8) -> None:
             continue
         block = sch.get_sblock(name)
         loops = sch.get_loops(block)
-        kinds = _iter_kinds(sch, block)
+        kinds = iter_kinds(sch, block)
         red_pos = [i for i, k in enumerate(kinds) if k == 2]
         red_loops = [loops[i] for i in red_pos]
         spatial = [loops[i] for i in range(len(loops)) if i not in red_pos]
         sch.reorder(*spatial, *red_loops)  # reductions innermost
         red = sch.fuse(*red_loops) if len(red_loops) > 1 else red_loops[0]
-        ext = _extent(sch, red)
+        ext = extent(sch, red)
         if ext is None or ext < 2 * lanes:
             continue
         _, inner = sch.split(red, [None, lanes])
@@ -197,11 +152,11 @@ def schedule_two_pass_cpu(sch: Schedule, lanes: int = 8) -> bool:
         return False
     epilogue = sch.get_sblock("epilogue")
     loops = sch.get_loops(epilogue)
-    if len(loops) < 3 or None in [_extent(sch, lp) for lp in loops]:
+    if len(loops) < 3 or None in [extent(sch, lp) for lp in loops]:
         return False
     outer = sch.fuse(loops[0], loops[1])
     inner = sch.fuse(*loops[2:]) if len(loops) > 3 else loops[2]
-    size = _extent(sch, inner)
+    size = extent(sch, inner)
     if size % lanes == 0:
         _, vec = sch.split(inner, [None, lanes])
         sch.vectorize(vec)
@@ -217,17 +172,34 @@ def schedule_two_pass_cpu(sch: Schedule, lanes: int = 8) -> bool:
     return True
 
 
+def schedule_parallel_cpu(sch: Schedule, lanes: int = 8) -> bool:
+    """Vectorise the hoisted shift's reductions, then run every block's (N, C) loops in parallel."""
+    schedule_mean_cpu(sch, lanes)
+    return schedule_reduction_cpu(sch)
+
+
+#: The CPU rules in the order they are tried; the first that applies names the schedule
+#: (``dcgraph.schedule`` = the rule's name). ``compile`` and ``tune`` both go through this list.
+CPU_RULES: tuple[tuple[str, Callable[[Schedule, int], bool]], ...] = (
+    ("conv", schedule_conv_cpu),
+    ("two_pass", schedule_two_pass_cpu),
+    ("parallel", schedule_parallel_cpu),
+)
+
+
+def apply_cpu_rules(sch: Schedule, lanes: int = 8) -> str | None:
+    """Apply the first rule of :data:`CPU_RULES` that takes the PrimFunc in ``sch``; its name, or None."""
+    for name, rule in CPU_RULES:
+        if rule(sch, lanes):
+            return name
+    return None
+
+
 def schedule_func_cpu(func: tirx.PrimFunc, lanes: int = 8) -> tirx.PrimFunc | None:
     """The default CPU schedule for one PrimFunc, or None if no rule applies."""
     sch = Schedule(func)
-    if schedule_conv_cpu(sch, lanes):
-        return sch.mod["main"].with_attr(SCHEDULED, "conv")
-    if schedule_two_pass_cpu(sch, lanes):
-        return sch.mod["main"].with_attr(SCHEDULED, "two_pass")
-    schedule_mean_cpu(sch, lanes)
-    if schedule_reduction_cpu(sch):
-        return sch.mod["main"].with_attr(SCHEDULED, "parallel")
-    return None
+    name = apply_cpu_rules(sch, lanes)
+    return None if name is None else sch.mod["main"].with_attr(SCHEDULED, name)
 
 
 def vector_lanes(target: tvm.target.Target) -> int:

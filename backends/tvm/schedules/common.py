@@ -1,0 +1,75 @@
+"""What every default schedule rule reads: the mark a scheduled PrimFunc carries, loop extents,
+iterator kinds, and the convolution block with the stages around it (CPU and GPU rules alike)."""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir import Schedule
+
+__all__ = ["IS_SCHEDULED", "SCHEDULED", "conv_stages", "extent", "find_conv_block", "has_root", "is_tuned",
+           "iter_kinds", "marked_scheduled"]
+
+#: set on a PrimFunc by dcgraph's default rules (the value names the rule)
+SCHEDULED = "dcgraph.schedule"
+#: set by dlight and MetaSchedule (TVM 0.27 spells it tirx; older releases tir)
+IS_SCHEDULED = "tirx.is_scheduled"
+_IS_SCHEDULED_OLD = "tir.is_scheduled"
+
+
+def marked_scheduled(func: tirx.PrimFunc) -> bool:
+    """TVM's own mark: a tuning record or a dlight rule scheduled ``func``."""
+    attrs = func.attrs or {}
+    return bool(attrs.get(IS_SCHEDULED, attrs.get(_IS_SCHEDULED_OLD, False)))
+
+
+def is_tuned(func: tirx.PrimFunc) -> bool:
+    """Scheduled by a tuning record (TVM's mark without dcgraph's)."""
+    return marked_scheduled(func) and SCHEDULED not in (func.attrs or {})
+
+
+def extent(sch: Schedule, loop: s_tir.schedule.LoopRV) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def iter_kinds(sch: Schedule, block: s_tir.schedule.SBlockRV) -> list[int]:
+    return [int(iv.iter_type) for iv in sch.get(block).iter_vars]
+
+
+def find_conv_block(sch: Schedule) -> s_tir.schedule.SBlockRV | None:
+    """The convolution block: >= 3 spatial iterators (N, C, *spatial), >= 2 reduction iterators
+    (input channels, kernel taps), two inputs (data, weight)."""
+    best = None
+    for block in sch.get_child_blocks(sch.get_sblock("root")) if has_root(sch) else []:
+        kinds = iter_kinds(sch, block)
+        n_spatial = kinds.count(0)
+        n_reduce = kinds.count(2)
+        if n_reduce >= 2 and n_spatial >= 3 and len(kinds) == n_spatial + n_reduce:
+            body = sch.get(block)
+            if len(body.writes) == 1 and len(body.writes[0].region) == n_spatial and len(body.reads) >= 2:
+                best = block
+    return best
+
+
+def has_root(sch: Schedule) -> bool:
+    try:
+        sch.get_sblock("root")
+    except Exception:  # TVM raises a generic error for a missing block
+        return False
+    return True
+
+
+def conv_stages(sch: Schedule):
+    """``(conv, producers, consumers)`` of the PrimFunc in ``sch`` (None if it has no conv block),
+    with every stage after the conv but the last inlined into the last one (they are all
+    elementwise on the conv output: Deep Control's epilogue, a fused residual add, relu)."""
+    conv = find_conv_block(sch)
+    if conv is None:
+        return None
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    names = [sch.get(b).name_hint for b in blocks]
+    idx = names.index(sch.get(conv).name_hint)
+    producers, consumers = blocks[:idx], blocks[idx + 1:]
+    for block in consumers[:-1]:
+        sch.compute_inline(block)
+    return conv, producers, consumers[-1:]
