@@ -12,6 +12,7 @@ Target (operator issue): the fused op within 1.10x of conv alone.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +21,17 @@ from tqdm import tqdm
 from dcgraph import functional as DF
 from dcgraph import ops
 from dcgraph import reference as R
+from dcgraph.bench.common import (
+    RESNET18,
+    geomean,
+    machine_info,
+    time_interleaved,
+    use_results_dir,
+    write_results,
+)
 
-try:
-    from benchmarks.common import RESNET18, geomean, machine_info, time_interleaved, write_results
-except ImportError:  # run as a script from benchmarks/
-    from common import RESNET18, geomean, machine_info, time_interleaved, write_results
+#: this checkout's committed results
+RESULTS = use_results_dir(Path(__file__).resolve().parent / "results")
 
 QUICK = ["layer1", "layer3", "layer4"]
 

@@ -17,17 +17,17 @@ Targets (operator issue): one block at most 2/3 of BatchNorm's, a stack at most 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from dcgraph import zoo
+from dcgraph.bench.common import machine_info, use_results_dir, write_results
 from dcgraph.memory import saved_bytes
 
-try:
-    from benchmarks.common import machine_info, write_results
-except ImportError:
-    from common import machine_info, write_results
+#: this checkout's committed results
+RESULTS = use_results_dir(Path(__file__).resolve().parent / "results")
 
 
 class BasicBlock(nn.Module):

@@ -19,13 +19,14 @@ import itertools
 import json
 import statistics
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 
 from tqdm import tqdm
 
-try:
-    from benchmarks.common import RESULTS, machine_info, write_results
-except ImportError:
-    from common import RESULTS, machine_info, write_results
+from dcgraph.bench.common import machine_info, use_results_dir, write_results
+
+#: this checkout's committed results
+RESULTS = use_results_dir(Path(__file__).resolve().parent / "results")
 
 NORMS = ("none", "batchnorm", "groupnorm", "deepcontrol", "deepcontrol_frozen_a")
 BATCHES = (1, 4, 32)

@@ -9,7 +9,7 @@ is what a user gets from ``dcgraph tune --trials N``; the schedule after N is th
 first N measured candidates and the default schedule (0 trials = the default schedule).
 
 Rows, measured at the end in one run, interleaved in a shuffled order
-(:func:`benchmarks.common.time_interleaved`, ``shuffle=True``), each checked against
+(:func:`dcgraph.bench.common.time_interleaved`, ``shuffle=True``), each checked against
 :func:`dcgraph.reference.conv_deep_control` first:
 
 - ``torch conv``: PyTorch eager conv alone (oneDNN), the target's yardstick;
@@ -41,20 +41,17 @@ import torch
 import torch.nn.functional as F
 import tvm
 import tvm_ffi
-from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
 from dcgraph import reference as R
-from dcgraph.backends.tvm import compiler, targets
-from dcgraph.backends.tvm.lowering import emit_conv_deep_control
+from dcgraph.backends.tvm import compiler, modules, targets
 from dcgraph.backends.tvm.pipeline import fuse
 from dcgraph.backends.tvm.schedules import SCHEDULED, schedule_func_cpu, vector_lanes
 from dcgraph.backends.tvm.tuning import database_dir, extract_tasks, tune
+from dcgraph.bench.common import RESNET18, machine_info, time_interleaved, use_results_dir, write_results
 
-try:
-    from benchmarks.common import RESNET18, machine_info, time_interleaved, write_results
-except ImportError:  # run as a script from benchmarks/
-    from common import RESNET18, machine_info, time_interleaved, write_results
+#: this checkout's committed results
+RESULTS = use_results_dir(Path(__file__).resolve().parent / "results")
 
 KERNEL = "dc_conv"
 DEFAULT_LAYERS = ["layer1", "layer2", "layer3"]
@@ -63,16 +60,9 @@ TARGET_RATIO = 1.2
 
 
 def block_module(x_shape, w, a, g, b, stride: int, pad: int) -> tvm.IRModule:
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(x_shape, "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = emit_conv_deep_control(bb, x, relax.const(w.numpy()), None, relax.const(a.numpy()),
-                                         relax.const(g.numpy()), relax.const(b.numpy()), stride=stride,
-                                         padding=pad, act="relu")
-            gv = bb.emit_output(out)
-        bb.emit_func_output(gv)
-    return bb.get()
+    """The layer's conv + Deep Control + relu, dcgraph's fused kernels, weights as constants."""
+    return modules.block_module("fused", x_shape, tuple(w.shape), act="relu", stride=stride, padding=pad,
+                                consts={"weight": w.numpy(), "a": a.numpy(), "g": g.numpy(), "b": b.numpy()})
 
 
 def ordered_records(directory: Path) -> list[ms.database.TuningRecord]:

@@ -20,12 +20,15 @@ if tvm.base._RUNTIME_ONLY:
 from tvm import relax  # noqa: E402
 from tvm.support import nvcc  # noqa: E402
 
-from dcgraph.backends.tvm import targets
-from dcgraph.backends.tvm.schedules import gpu, gpu_conv  # noqa: E402
+from dcgraph.backends.tvm import targets  # noqa: E402
 from dcgraph.backends.tvm.pipeline import kernel_report, optimize, relax_pipeline  # noqa: E402
-from dcgraph.backends.tvm.schedules import SCHEDULED  # noqa: E402
+from dcgraph.backends.tvm.schedules import (  # noqa: E402
+    SCHEDULED,
+    gpu,
+    gpu_conv,
+)
+from dcgraph.testing import CASES  # noqa: E402
 from tests.backends.tvm_cases import case_module  # noqa: E402
-from tests.cases import CASES  # noqa: E402
 
 ARCHS = ("sm_90", "sm_80")
 PLANS = ("hoisted", "two_pass")
@@ -207,13 +210,12 @@ def test_register_tile_is_dense(plan):
     """Each thread's accumulators are exactly its c_reg x w_reg outputs, and the fused epilogue
     writes only those (a strided tile made TVM size it to the bounding box and write columns the
     thread never computed: a race that gave wrong results on a GPU)."""
-    from benchmarks.gpu_kernels import TILE_CASES
-    from benchmarks.gpu_kernels import case_module as gk_case_module
+    from dcgraph.testing import GPU_TILE_CASES
 
-    case = TILE_CASES[0]
+    case = GPU_TILE_CASES[0]
     t = gpu_conv.pick_tiling(case.batch, case.out_channels, *case.size, case.in_channels, 1024)
     assert t.w_reg > 1 and t.c_reg > 1, t  # the case must keep a multi-column register tile
-    src = cuda_source(gk_case_module(case, plan), target("sm_90"))
+    src = cuda_source(case_module(case, plan)[0], target("sm_90"))
     _, _, body = kernels(src)[f"{CONV_KERNEL[plan]}_kernel"]
     assert f"float conv_local_ptr[{t.c_reg * t.w_reg}];" in body
     loops = re.findall(r"for \(int \w+ = 0; \w+ < (\d+); \+\+\w+\) \{\n(?:.*\n){0,3}?\s*epilogue_ptr\[", body)

@@ -22,8 +22,8 @@ from tvm import relax  # noqa: E402
 
 from dcgraph import onnx_ops, onnx_tools  # noqa: E402
 from dcgraph import reference as R  # noqa: E402
-from dcgraph.backends.tvm.frontends.from_onnx import OnnxFrontendError, from_onnx  # noqa: E402
 from dcgraph.backends.tvm import lowering  # noqa: E402
+from dcgraph.backends.tvm.frontends.from_onnx import OnnxFrontendError, from_onnx  # noqa: E402
 from dcgraph.backends.tvm.lowering import KERNEL_ATTR  # noqa: E402
 from dcgraph.backends.tvm.pipeline import relax_pipeline  # noqa: E402
 

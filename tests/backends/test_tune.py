@@ -142,16 +142,24 @@ def test_compile_says_when_the_database_has_no_records_for_the_target(tuned):
 
 
 def test_wrong_results_are_reported_and_never_used(tmp_path, monkeypatch):
-    """A device that returns wrong outputs (simulated in the measuring worker): every candidate
-    and the default schedule fail the check, nothing usable is stored, compile keeps the default."""
-    monkeypatch.setenv("DCGRAPH_TUNE_FAULT", "wrong-output")
+    """Outputs that disagree with the reference (here the reference is off by one, so every real
+    output the workers check is wrong): every candidate and the default schedule fail the check,
+    nothing usable is stored, compile keeps the default."""
+    from dcgraph.backends.tvm.tuning import measure
+
+    real = measure.reference_outputs
+
+    def off_by_one(task, arrays):
+        return [o + 1 if "float" in str(o.dtype) else o for o in real(task, arrays)]
+
+    monkeypatch.setattr(measure, "reference_outputs", off_by_one)
     db = tmp_path / "db"
     report = tune(block(), TARGET, example(), trials=4, db=db, progress=False, min_trials=4)
     (task,) = report.tasks  # 4 trials: only the costliest kernel gets its minimum
     assert task.name == "dc_conv" and task.wrong_results == 4 and task.kept == "-"
     assert "wrong results" in report.table() and "default schedule failed" in task.note
     assert records(db) and not valid(records(db))
-    monkeypatch.delenv("DCGRAPH_TUNE_FAULT")
+    monkeypatch.undo()
     compiled = tvm_compile(block(), TARGET, example(), database=db)
     assert {k.name: k.schedule for k in compiled.kernels}["dc_conv"] == "default"
 

@@ -10,8 +10,8 @@ from tvm import relax
 
 from dcgraph.backends.tvm import targets
 from dcgraph.backends.tvm.pipeline import kernel_report, optimize, relax_pipeline
+from dcgraph.testing import CASES
 from tests.backends.tvm_cases import RTOL, batch_cases, case_module, relative_error
-from tests.cases import CASES
 
 TARGET = targets.resolve("x86")
 CASES_B = batch_cases()

@@ -135,13 +135,11 @@ def worker(variant: str, width: int, batch: int, size: int, steps: int, threads:
 
 def _run_worker(variant: str, width: int, batch: int, size: int, steps: int, threads: int,
                 timeout: float) -> dict[str, Any]:
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "benchmarks.suite.train_level", "--worker", variant, "--width", str(width),
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "dcgraph.bench.train_level", "--worker", variant, "--width", str(width),
            "--batch", str(batch), "--size", str(size), "--steps", str(steps), "--threads", str(threads)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root, env=env,
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                               check=False)
     except subprocess.TimeoutExpired:
         return {"status": "failed", "why": f"timed out after {timeout:.0f} s"}

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import harness as H
+from .onnx_graphs import onnx_model, ort_session
 from .shapes import QUICK, SHAPES, OpShape
 
 ROWS: dict[str, tuple[str, str]] = {  # key -> (label, family)
@@ -58,7 +58,7 @@ class Settings:
     repeats: int = 20
     block_ms: float = 10.0
     db: str | None = None
-    tune_trials: int = 0  #: tune each block's kernels (dcgraph.backends.tvm.tune) into ``db`` first
+    tune_trials: int = 0  #: tune each block's kernels (dcgraph.backends.tvm.tuning) into ``db`` first
     inductor_max: int | None = None  #: compile at most this many inductor graphs (None: all)
     inductor_budget_s: float = 900.0  #: stop compiling new inductor graphs after this long
     inductor_done: int = 0
@@ -68,83 +68,7 @@ class Settings:
     only: list[str] | None = None  #: build only these rows (tests; the suite itself runs all)
 
 
-# ----------------------------------------------------------------------------- ONNX graphs
-
-def onnx_model(kind: str, s: OpShape, t: dict[str, torch.Tensor], opset: int = 18):
-    """``conv`` (conv alone), ``plain`` (Deep Control written out as exporters emit it:
-    ``y * g + (b - (a*g) * ReduceMean(y))`` then the activation) or ``function`` (one
-    ``ai.dcgraph.DeepControlConv`` node with its function attached)."""
-    import onnx
-    from onnx import TensorProto
-    from onnx import helper as h
-    from onnx import numpy_helper as nh
-
-    from dcgraph import onnx_ops
-
-    n = t["x"].shape[0]
-    conv_attrs = {"strides": [s.stride] * 2, "pads": [s.pad] * 4, "dilations": [1, 1], "group": s.groups}
-    inits = [nh.from_array(t["weight"].numpy(), "W")]
-    nodes = []
-
-    def col(name: str, v: torch.Tensor) -> str:
-        inits.append(nh.from_array(v.reshape(1, -1, 1, 1).numpy().astype(np.float32), name))
-        return name
-
-    if kind == "conv":
-        nodes.append(h.make_node("Conv", ["x", "W"], ["out"], **conv_attrs))
-    elif kind == "plain":
-        nodes.append(h.make_node("Conv", ["x", "W"], ["y"], **conv_attrs))
-        inits.append(nh.from_array(np.array([2, 3], dtype=np.int64), "axes"))
-        nodes += [
-            h.make_node("ReduceMean", ["y", "axes"], ["m"], keepdims=1),
-            h.make_node("Mul", ["m", col("ag", t["a"] * t["g"])], ["agm"]),
-            h.make_node("Sub", [col("b", t["b"]), "agm"], ["o"]),
-            h.make_node("Mul", ["y", col("g", t["g"])], ["yg"]),
-        ]
-        z = "z" if s.act != "identity" else "out"
-        nodes.append(h.make_node("Add", ["yg", "o"], [z]))
-        if s.act == "relu":
-            nodes.append(h.make_node("Relu", [z], ["out"]))
-        elif s.act == "relu6":
-            inits += [nh.from_array(np.array(v, np.float32), nm) for v, nm in ((0.0, "zero"), (6.0, "six"))]
-            nodes.append(h.make_node("Clip", [z, "zero", "six"], ["out"]))
-        elif s.act == "silu":
-            nodes += [h.make_node("Sigmoid", [z], ["sig"]), h.make_node("Mul", [z, "sig"], ["out"])]
-        elif s.act != "identity":
-            raise ValueError(f"no ONNX spelling here for {s.act}")
-    elif kind == "function":
-        for name in ("a", "g", "b"):
-            inits.append(nh.from_array(t[name].numpy(), name.upper() if name != "b" else "Bo"))
-        nodes.append(h.make_node("DeepControlConv", ["x", "W", "", "A", "G", "Bo"], ["out"],
-                                 domain=onnx_ops.DOMAIN, activation=s.act, alpha=0.01, **conv_attrs))
-    else:
-        raise ValueError(kind)
-    cout, ho = s.cout, s.out_size
-    graph = h.make_graph(nodes, f"dc_{kind}",
-                         [h.make_tensor_value_info("x", TensorProto.FLOAT, list(t["x"].shape))],
-                         [h.make_tensor_value_info("out", TensorProto.FLOAT, [n, cout, ho, ho])], inits)
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)], ir_version=10)
-    if kind == "function":
-        model = onnx_ops.attach_functions(model)
-    onnx.checker.check_model(model)
-    return model
-
-
-def ort_session(model, threads: int, spinning: bool = False):
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads, sequential, all graph
-    optimisations; idle threads do not spin unless ``spinning`` (see :func:`spin_check`)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if not spinning:  # ORT's idle workers spin and take the cores from the next runtime's call
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
+# ----------------------------------------------------------------------------- ONNX Runtime
 
 def _ort_row(kind: str, s: OpShape, t: dict, st: Settings):
     if importlib.util.find_spec("onnxruntime") is None:
@@ -157,50 +81,20 @@ def _ort_row(kind: str, s: OpShape, t: dict, st: Settings):
 # ----------------------------------------------------------------------------- TVM
 
 def tvm_module(kind: str, s: OpShape, t: dict):
-    """Relax module: ``unfused`` (conv + plain Relax ops) or ``fused`` (dcgraph's kernels)."""
-    from tvm import relax
+    """Relax module: ``unfused`` (conv + plain Relax ops) or ``fused`` (dcgraph's kernels), the
+    block's weights and parameters as constants."""
+    from dcgraph.backends.tvm.modules import block_module
 
-    from dcgraph.backends.tvm.lowering import emit_conv_deep_control
-
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(tuple(t["x"].shape), "float32"))
-    w = relax.const(t["weight"].numpy())
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            if kind == "fused":
-                out = emit_conv_deep_control(
-                    bb, x, w, None, *(relax.const(t[k].numpy()) for k in "agb"),
-                    stride=s.stride, padding=s.pad, groups=s.groups, act=s.act)
-            else:
-                out = emit_plain_deep_control(
-                    bb, x, w, *(relax.const(t[k].reshape(1, -1, 1, 1).numpy()) for k in "agb"), s)
-            gv = bb.emit_output(out)
-        bb.emit_func_output(gv)
-    return bb.get()
-
-
-def emit_plain_deep_control(bb, x, w, a, g, b, s: OpShape):
-    """``act(g * (y - a * mean_HW(y)) + b)`` for ``y = conv2d(x, w)`` as plain Relax ops, left to
-    TVM's own fusion (the "TVM, plain ops" rows); ``a, g, b`` broadcast as ``(1, C, 1, 1)``."""
-    from tvm import relax
-
-    op = relax.op
-    y = bb.emit(op.nn.conv2d(x, w, strides=s.stride, padding=s.pad, groups=s.groups))
-    m = op.mean(y, axis=[2, 3], keepdims=True)
-    z = op.add(op.multiply(op.subtract(y, op.multiply(m, a)), g), b)
-    if s.act == "relu":
-        z = op.nn.relu(z)
-    elif s.act == "relu6":
-        z = op.clip(z, relax.prim_value(0.0), relax.prim_value(6.0))
-    elif s.act == "silu":
-        z = op.nn.silu(z)
-    return bb.emit(z)
+    kind = "fused" if kind == "fused" else "plain"
+    return block_module(kind, tuple(t["x"].shape), tuple(t["weight"].shape), act=s.act, stride=s.stride,
+                        padding=s.pad, groups=s.groups,
+                        consts={k: t[k].numpy() for k in ("weight", "a", "g", "b")})
 
 
 def tune_available() -> bool:
-    """Is the autotuning module (issue 6: ``backends/tvm/tune.py``) there?"""
+    """Is the autotuning package (``dcgraph.backends.tvm.tuning``, which needs TVM) there?"""
     try:
-        return importlib.util.find_spec("dcgraph.backends.tvm.tune") is not None
+        return importlib.util.find_spec("dcgraph.backends.tvm.tuning") is not None
     except ImportError:
         return False
 
@@ -215,10 +109,11 @@ def _tvm_row(kind: str, s: OpShape, t: dict, st: Settings, info: dict):
     tx = tvm.runtime.tensor(t["x"].numpy(), dev)
     if kind == "tuned":
         if not tune_available():
-            raise H.NotYet("autotuning (issue 6, backends/tvm/tune.py) is not there yet")
+            raise H.NotYet("autotuning (dcgraph.backends.tvm.tuning) is not available here")
         if not st.db:
             raise H.NotYet("no tuning database: pass --db DIR (written by dcgraph tune)")
         from dcgraph.backends.tvm import compiler
+        from dcgraph.backends.tvm.errors import CompileError
 
         if st.tune_trials:
             from dcgraph.backends.tvm.tuning import tune
@@ -230,7 +125,7 @@ def _tvm_row(kind: str, s: OpShape, t: dict, st: Settings, info: dict):
         try:
             compiled = compiler.compile(tvm_module("fused", s, t), st.target, convert=False, fuse_plain=False,
                                         database=st.db)
-        except compiler.CompileError as e:
+        except CompileError as e:
             if "no tuning records" in str(e):
                 raise H.NotYet(str(e)) from None
             raise

@@ -1,4 +1,9 @@
-"""Shared benchmark plumbing: interleaved timing, machine info, result files."""
+"""Shared benchmark plumbing: interleaved timing, machine info, result files, ResNet-18's convs.
+
+Used by the suite (``dcgraph bench``) and by the question-per-script benchmarks in the source
+checkout's ``benchmarks/``. Results go to :func:`results_dir` (``dcgraph bench --out DIR``;
+the checkout's scripts write ``benchmarks/results``, the committed results).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,18 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+_RESULTS = [Path("bench-results")]
+
+
+def results_dir() -> Path:
+    """Where result files go now (default ``./bench-results``)."""
+    return _RESULTS[0]
+
+
+def use_results_dir(path: str | Path) -> Path:
+    """Write result files under ``path`` from now on (created on the first write)."""
+    _RESULTS[0] = Path(path)
+    return _RESULTS[0]
 
 # (name, C_in, C_out, input H=W, kernel, stride): the distinct convolutions of ResNet-18 (224 px)
 RESNET18 = [
@@ -73,9 +89,10 @@ def machine_info() -> dict:
 
 
 def write_results(stem: str, data: dict, markdown: str) -> tuple[Path, Path]:
-    """Write ``results/<stem>.json`` and ``results/<stem>.md`` atomically."""
-    RESULTS.mkdir(exist_ok=True)
-    paths = (RESULTS / f"{stem}.json", RESULTS / f"{stem}.md")
+    """Write ``<results dir>/<stem>.json`` and ``<stem>.md`` atomically."""
+    out = results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = (out / f"{stem}.json", out / f"{stem}.md")
     for path, text in zip(paths, (json.dumps(data, indent=2), markdown), strict=True):
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(text + "\n")

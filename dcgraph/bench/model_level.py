@@ -104,6 +104,7 @@ class _Model:
 
     def tvm(self, kind: str, x: torch.Tensor, info: dict):
         from dcgraph.backends.tvm import compiler
+        from dcgraph.backends.tvm.errors import CompileError
 
         t0 = time.perf_counter()
         if kind == "unfused":
@@ -125,7 +126,7 @@ class _Model:
                     info["tune_s"] = round(time.perf_counter() - t0, 1)
             try:
                 compiled = compiler.compile(self.bn, self.target, x, database=db)
-            except compiler.CompileError as e:
+            except CompileError as e:
                 if "no tuning records" in str(e):
                     raise H.NotYet(str(e)) from None
                 raise

@@ -1,4 +1,5 @@
-"""``python -m benchmarks.suite [op|model|train|gpu|all] [--quick] [--db DIR]`` (= ``dcgraph bench``)."""
+"""``dcgraph bench [op|model|train|gpu|all] [--quick] [--db DIR] [--out DIR]``
+(= ``python -m dcgraph.bench``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ LEVELS = ("op", "model", "train", "gpu", "all")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``dcgraph bench`` (shared with ``python -m benchmarks.suite``)."""
+    """The options of ``dcgraph bench`` (shared with ``python -m dcgraph.bench``)."""
     p.add_argument("level", nargs="?", choices=LEVELS, default="all",
                    help="op: one conv + Deep Control block per shape; model: whole models; train: a "
                         "training step; gpu: the op level on CUDA; all (default): op, model, train, "
@@ -21,8 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="MetaSchedule tuning database (dcgraph tune) for the tuned TVM rows")
     p.add_argument("--tune", type=int, default=0, metavar="TRIALS",
                    help="op and model levels: first tune the TVM kernels of every block / model into --db "
-                        "with dcgraph.backends.tvm.tune (TRIALS per block or model; resumes, so a second "
+                        "with dcgraph.backends.tvm.tuning (TRIALS per block or model; resumes, so a second "
                         "run costs nothing); about 4 s per trial on 2 cores")
+    p.add_argument("--out", metavar="DIR", default="bench-results",
+                   help="where the results go: fusion_<level>[_quick].{json,md,png} (default "
+                        "./bench-results; the repository's committed results are benchmarks/results)")
     p.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
     p.add_argument("--repeats", type=int, help="timed samples per row (default: 20 op, 10 model; quick 5/3)")
     p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 8; quick 1)")
@@ -36,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from . import common
     from . import harness as H
 
     if args.tune and not args.db:
@@ -45,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dcgraph bench: --db {args.db}: no such directory (dcgraph tune writes one)", file=sys.stderr)
         return 2
 
+    out = common.use_results_dir(args.out)
     cmd = " ".join(["dcgraph bench", args.level, *(["--quick"] if args.quick else []),
                     *([f"--db {args.db}"] if args.db else []),
                     *([f"--tune {args.tune}"] if args.tune else []),
@@ -80,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
             if args.level == "all" and not gpu_level.gpu_present():
                 print("no CUDA GPU here: gpu level skipped (build here with `dcgraph bench gpu --gpu-mode "
-                      "build`, run on a GPU machine with benchmarks/suite/gpu_run.sh)")
+                      "build`, run on a GPU machine with benchmarks/gpu_run.sh)")
                 continue
             data = gpu_level.main_mode(args.gpu_mode, quick=args.quick, repeats=args.repeats, command=cmd)
             if data is None:
@@ -91,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         written += data.get("files", [])
         print(flush=True)
     print(f"dcgraph bench: {time.perf_counter() - t0:.0f} s; wrote " + ", ".join(
-        f"benchmarks/results/{f}" for f in written))
+        str(out / f) for f in written))
     if failed:
         print(f"dcgraph bench: {failed} row(s) FAILED their check against the reference (see above)",
               file=sys.stderr)
@@ -99,10 +105,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.suite", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m dcgraph.bench", description=__doc__)
     add_arguments(p)
     return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 A *row* is one way of computing a benchmark case. :func:`check_and_time` builds every row,
 runs it once and compares its output with the case's reference; only rows that pass are
-timed, round-robin (``benchmarks.common.time_interleaved``), each sample a block of several
+timed, round-robin (:func:`.common.time_interleaved`), each sample a block of several
 back-to-back calls so that one runtime's thread pool spinning down after its call does not
 land on the next row's call. A row ends in one of four statuses:
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,11 +24,9 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # run as a script or from the installed CLI: benchmarks.* importable
-    sys.path.insert(0, str(ROOT))
+from dcgraph.testing import relative_error
 
-from benchmarks.common import RESULTS, geomean, machine_info, time_interleaved, write_results  # noqa: E402
+from .common import geomean, machine_info, results_dir, time_interleaved, write_results
 
 OK, FAILED, NOT_YET, SKIPPED = "ok", "failed", "not yet", "skipped"
 
@@ -46,7 +43,7 @@ def set_threads(threads: int) -> None:
     """Fix every runtime's thread count: torch (and inductor's OpenMP code), TVM (read when its
     pool starts, so before the first TVM call), ONNX Runtime (per session, see ``ort_session``).
     TVM's workers spin after each call and steal the cores from the next runtime's call:
-    spinning off (``TVM_THREAD_POOL_SPIN_COUNT=0``), as in ``benchmarks/tvm_kernels.py``."""
+    spinning off (``TVM_THREAD_POOL_SPIN_COUNT=0``), as every TVM timing here."""
     import torch
 
     os.environ["TVM_NUM_THREADS"] = str(threads)
@@ -84,14 +81,6 @@ def to_numpy(out: Any) -> np.ndarray:
     if hasattr(out, "numpy") and not isinstance(out, np.ndarray):  # tvm.runtime.Tensor
         return out.numpy().astype(np.float64)
     return np.asarray(out, dtype=np.float64)
-
-
-def relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    """max |got - want| / max |want| (inf on a shape mismatch or NaN)."""
-    if got.shape != want.shape:
-        return math.inf
-    err = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-30))
-    return err if math.isfinite(err) else math.inf
 
 
 @dataclass
@@ -166,8 +155,9 @@ def stem(level: str, quick: bool, suffix: str = "") -> str:
 
 def save_plot(fig: Any, name: str) -> Path:
     """Write a matplotlib figure to ``results/<name>.png`` atomically."""
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.png"
+    out = results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.png"
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     tmp.replace(path)
@@ -191,6 +181,26 @@ def fmt_ms(r: dict) -> str:
     return f"{r['median_ms']:.3f} ±{r['iqr_ms'] / 2:.3f}"
 
 
-__all__ = ["FAILED", "NOT_YET", "OK", "RESULTS", "ROOT", "SKIPPED", "Candidate", "NotYet", "Skipped",
-           "check_and_time", "fmt_ms", "geomean", "header", "machine_info", "relative_error", "save_plot",
-           "set_threads", "stem", "to_numpy", "versions", "why", "write_results"]
+__all__ = [
+    "FAILED",
+    "NOT_YET",
+    "OK",
+    "SKIPPED",
+    "Candidate",
+    "NotYet",
+    "Skipped",
+    "check_and_time",
+    "fmt_ms",
+    "geomean",
+    "header",
+    "machine_info",
+    "relative_error",
+    "results_dir",
+    "save_plot",
+    "set_threads",
+    "stem",
+    "to_numpy",
+    "versions",
+    "why",
+    "write_results",
+]

@@ -1,5 +1,6 @@
-"""Shared conv configurations: every implementation (custom op, modules, passes, ONNX, each
-TVM target) is tested against :mod:`dcgraph.reference` on these same cases.
+"""What the tests and the benchmarks share: the conv configurations every implementation (custom
+op, modules, passes, ONNX, each TVM target) is tested against :mod:`dcgraph.reference` on, and
+the one relative-error measure their comparisons use.
 
 Each case is small enough for gradcheck and emulated-ARM runs; together they cover stride,
 padding, dilation, groups (incl. depthwise), 1x1 and large kernels, odd and tiny maps,
@@ -8,8 +9,11 @@ batch 1, conv bias, and 1-d / 3-d convolutions.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from dcgraph.reference import ACTIVATIONS
@@ -78,5 +82,39 @@ CASES = [
 ]
 
 CASE_IDS = [c.name for c in CASES]
+#: Larger than the shared cases, so that the GPU conv schedule keeps its full register tiles
+#: (4 channels x 2 columns per thread) and loops over several input-channel chunks; the shared
+#: cases are so small that it shrinks the tiles to one output per thread.
+GPU_TILE_CASES = [
+    ConvCase("tile_w2", 4, 16, 32, (64, 64), (3, 3), padding=(1, 1)),
+    ConvCase("tile_w2_stride2", 8, 12, 16, (128, 128), (3, 3), stride=(2, 2), padding=(1, 1), bias=True,
+             act="silu"),
+]
+BATCHES = (1, 4)
 
-__all__ = ["ACTIVATIONS", "CASES", "CASE_IDS", "ConvCase"]
+
+def with_batch(case: ConvCase, batch: int) -> ConvCase:
+    """``case`` at another batch size (named ``<name>-b<batch>``)."""
+    return dataclasses.replace(case, name=f"{case.name}-b{batch}", batch=batch)
+
+
+def batch_cases(batches: tuple[int, ...] = BATCHES) -> list[ConvCase]:
+    """Every shared case at each batch size (batch 1 and 4 by default)."""
+    return [with_batch(c, b) for c in CASES for b in batches]
+
+
+def relative_error(got: np.ndarray | torch.Tensor, want: np.ndarray | torch.Tensor) -> float:
+    """``max |got - want| / max |want|`` in float64; ``inf`` when the shapes differ or anything
+    is NaN or infinite, so that a broken output can never pass a tolerance check."""
+    g = np.asarray(got.detach().cpu() if isinstance(got, torch.Tensor) else got, dtype=np.float64)
+    w = np.asarray(want.detach().cpu() if isinstance(want, torch.Tensor) else want, dtype=np.float64)
+    if g.shape != w.shape:
+        return math.inf
+    if g.size == 0:
+        return 0.0
+    err = float(np.abs(g - w).max() / max(float(np.abs(w).max()), 1e-12))
+    return err if math.isfinite(err) else math.inf
+
+
+__all__ = ["ACTIVATIONS", "BATCHES", "CASES", "CASE_IDS", "GPU_TILE_CASES", "ConvCase", "batch_cases",
+           "relative_error", "with_batch"]

@@ -1,10 +1,14 @@
 """GPU level: the op level on CUDA, PyTorch (cuDNN) rows and TVM CUDA rows side by side.
 
 The machine that compiles TVM code here has no GPU, and the GPU machine has no TVM compiler
-(see ``benchmarks/gpu_kernels.py``), so this level has two halves:
+(:mod:`.gpu_runtime`), so this level has two halves:
 
     dcgraph bench gpu --gpu-mode build     # here: compile every TVM CUDA row into build/fusion_gpu/
-    benchmarks/suite/gpu_run.sh [--quick]  # there: TVM runtime only + CUDA torch; check, time, write
+    benchmarks/gpu_run.sh [--quick]        # there: TVM runtime only + CUDA torch; check, time, write
+
+The build also exports the shared test cases (``dcgraph.testing``, both plans, batch 1 and 4,
+and :data:`dcgraph.testing.GPU_TILE_CASES`) into ``build/fusion_gpu/cases`` for
+``tests/backends/test_cuda_run.py`` on the GPU machine.
 
 (``--gpu-mode all``, the default, does both where one machine can.) Rows, forward, fp32 with
 TF32 off, each checked against ``dcgraph.reference`` (float64, on the CPU) before timing:
@@ -19,13 +23,12 @@ TF32 off, each checked against ``dcgraph.reference`` (float64, on the CPU) befor
 - ONNX Runtime rows: skipped (the GPU machine's onnxruntime is the CPU build).
 
 Times: CUDA events around back-to-back calls for PyTorch, ``time_evaluator`` for TVM
-(``benchmarks/gpu_kernels.py``), median of ``--repeats`` samples.
+(:mod:`.gpu_runtime`), median of ``--repeats`` samples.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -33,10 +36,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import gpu_runtime as gk
 from . import harness as H
 from .shapes import QUICK, SHAPES, OpShape
 
-ARTIFACTS = H.ROOT / "build" / "fusion_gpu"
+ARTIFACTS = Path("build") / "fusion_gpu"
 BATCHES = (1, 8)
 TVM_KINDS = ("tvm_unfused", "tvm_fused")
 GPU_ROWS = ("torch_conv", "torch_plain", "torch_fused", "inductor", "ort_conv", "ort_plain", "ort_function",
@@ -53,30 +57,36 @@ def module_name(kind: str, s: OpShape, batch: int) -> str:
 
 def relax_module(kind: str, s: OpShape, batch: int):
     """Inputs ``(x, weight, a, g, b)`` (weights as inputs: the module is shipped, data made there)."""
-    from tvm import relax
+    from dcgraph.backends.tvm.modules import block_module
 
-    from dcgraph.backends.tvm.lowering import emit_conv_deep_control
+    return block_module("fused" if kind == "tvm_fused" else "plain", (batch, s.cin, s.size, s.size),
+                        (s.cout, s.cin // s.groups, s.k, s.k), act=s.act, stride=s.stride, padding=s.pad,
+                        groups=s.groups)
 
-    from .op_level import emit_plain_deep_control
 
-    def var(name: str, shape: tuple[int, ...]) -> relax.Var:
-        return relax.Var(name, relax.TensorType(shape, "float32"))
+def case_stems() -> list[tuple[Any, str, str]]:
+    """``(case, plan, artifact stem)`` of every shared case (both plans, batch 1 and 4) and GPU
+    tile case: what :func:`build` exports for ``tests/backends/test_cuda_run.py``."""
+    from dcgraph.testing import BATCHES, CASES, GPU_TILE_CASES, with_batch
 
-    x = var("x", (batch, s.cin, s.size, s.size))
-    w = var("weight", (s.cout, s.cin // s.groups, s.k, s.k))
-    a, g, b = (var(n, (s.cout,)) for n in "agb")
-    bb = relax.BlockBuilder()
-    with bb.function("main", [x, w, a, g, b]):
-        with bb.dataflow():
-            if kind == "tvm_fused":
-                out = emit_conv_deep_control(bb, x, w, None, a, g, b, stride=s.stride, padding=s.pad,
-                                             groups=s.groups, act=s.act)
-            else:
-                out = emit_plain_deep_control(
-                    bb, x, w, *(relax.op.reshape(v, (1, s.cout, 1, 1)) for v in (a, g, b)), s)
-            gv = bb.emit_output(out)
-        bb.emit_func_output(gv)
-    return bb.get()
+    plans = ("hoisted", "two_pass")
+    shared = [(with_batch(c, b), plan, f"{c.name}-{plan}-b{b}")
+              for c in CASES for plan in plans for b in BATCHES]
+    return shared + [(c, plan, f"{c.name}-{plan}-b{c.batch}") for c in GPU_TILE_CASES for plan in plans]
+
+
+def _export_cases(out: Path, target: Any) -> list[str]:
+    from dcgraph.backends.tvm.modules import block_module
+
+    (out / "cases").mkdir(parents=True, exist_ok=True)
+    names = []
+    for case, plan, stem in case_stems():
+        t = case.tensors()
+        mod = block_module("fused", tuple(t["x"].shape), tuple(t["weight"].shape), act=case.act,
+                           bias=case.bias, plan=plan, **case.conv_kwargs())
+        gk.compile_cuda(mod, target).export_library(str(out / "cases" / f"{stem}.so"))
+        names.append(f"cases/{stem}.so")
+    return names
 
 
 def _jobs(quick: bool) -> list[tuple[OpShape, int]]:
@@ -84,12 +94,12 @@ def _jobs(quick: bool) -> list[tuple[OpShape, int]]:
     return [(s, n) for n in (BATCHES[:1] if quick else BATCHES) for s in shapes]
 
 
-def build(out: Path = ARTIFACTS, arch: str = "sm_90", quick: bool = False) -> dict:
-    """Compile every TVM CUDA row (no GPU needed) and pack TVM's runtime for the GPU machine."""
+def build(out: Path = ARTIFACTS, arch: str = "sm_90", quick: bool = False, cases: bool = True) -> dict:
+    """Compile every TVM CUDA row (no GPU needed), the shared test cases (``cases``), and pack TVM's
+    runtime for the GPU machine."""
     import tvm
 
-    from benchmarks import gpu_kernels as gk
-
+    out = Path(out)
     target = gk.cuda_target(arch)
     (out / "mods").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -103,12 +113,12 @@ def build(out: Path = ARTIFACTS, arch: str = "sm_90", quick: bool = False) -> di
             except Exception as e:  # reported in the run as a failed row
                 failed[name] = H.why(e)
         print(f"[gpu build {time.perf_counter() - t0:6.1f}s] {s.name} b{batch}", flush=True)
+    case_mods = _export_cases(out, target) if cases else []
     gk.pack_runtime(out)
     wheels = out / "wheels"
     wheels.mkdir(exist_ok=True)
-    for whl in (gk.ARTIFACTS / "wheels").glob("apache_tvm_ffi-*.whl"):
-        shutil.copy2(whl, wheels / whl.name)
     manifest = {"tvm": tvm.__version__, "arch": arch, "quick": quick, "modules": built, "failed": failed,
+                "cases": case_mods,
                 "built": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "seconds": round(time.perf_counter() - t0, 1)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -116,8 +126,7 @@ def build(out: Path = ARTIFACTS, arch: str = "sm_90", quick: bool = False) -> di
           f"into {out}")
     if not list(wheels.glob("*.whl")):
         print(f"no apache-tvm-ffi wheel in {wheels}; for a Python 3.12 GPU machine:\n  "
-              + gk.FFI_WHEEL_HELP.replace("build/gpu_kernels", str(
-                  out.relative_to(H.ROOT) if out.is_relative_to(H.ROOT) else out)))
+              + gk.FFI_WHEEL_HELP.format(wheels=wheels))
     return manifest
 
 
@@ -135,8 +144,6 @@ class _Ctx:
         self.tvm = self.dev = None
         self.tvm_error: str | None = None
         try:
-            from benchmarks import gpu_kernels as gk
-
             self.tvm = gk.cuda_runtime()
             self.dev = self.tvm.cuda(0)
         except Exception as e:  # TVM rows fail with the reason; torch rows still run
@@ -144,10 +151,9 @@ class _Ctx:
 
 
 def _case(s: OpShape, batch: int, ctx: _Ctx) -> dict:
-    from benchmarks import gpu_kernels as gk
+    from dcgraph import reference as R
 
     F = torch.nn.functional
-    R = gk.reference_module()
     t = s.tensors(batch)
     d = {k: v.double() for k, v in t.items()}
     want = R.conv_deep_control(d["x"], d["weight"], None, d["a"], d["g"], d["b"], s.stride, s.pad,
@@ -225,18 +231,17 @@ def _case(s: OpShape, batch: int, ctx: _Ctx) -> dict:
     for _ in range(2):  # two rounds, alternating runtimes, so that clocks settle for every row
         for key, (kind, fn) in fns.items():
             with torch.no_grad():
-                samples = (gk._time_torch(fn, max(3, ctx.repeats // 2)) if kind == "torch"
-                           else gk._time_tvm(fn[0], fn[1], ctx.dev, max(3, ctx.repeats // 2)))
+                samples = (gk.time_torch(fn, max(3, ctx.repeats // 2)) if kind == "torch"
+                           else gk.time_tvm(fn[0], fn[1], ctx.dev, max(3, ctx.repeats // 2)))
             rows[key].setdefault("samples", []).extend(samples)
     for key in fns:
-        rows[key].update(gk._summary(rows[key].pop("samples")))
+        rows[key].update(gk.summary(rows[key].pop("samples")))
     return rows
 
 
 def _tvm_fn(kind: str, s: OpShape, batch: int, t: dict, ctx: _Ctx):
     if ctx.tvm is None:
         raise RuntimeError(f"TVM CUDA runtime: {ctx.tvm_error}")
-    from benchmarks import gpu_kernels as gk
 
     path = ctx.art / "mods" / module_name(kind, s, batch)
     if not path.exists():
@@ -292,7 +297,7 @@ def run(art: Path = ARTIFACTS, quick: bool = False, repeats: int | None = None,
         png = op_level.plot(recs, name)
         data["files"] = [f"{name}.json", f"{name}.md"] + ([png.name] if png else [])
         for suffix in (".json", ".md"):
-            (H.RESULTS / (partial + suffix)).unlink(missing_ok=True)
+            (H.results_dir() / (partial + suffix)).unlink(missing_ok=True)
     data["markdown"] = md
     return data
 
@@ -307,5 +312,5 @@ def main_mode(mode: str, quick: bool = False, repeats: int | None = None, comman
     if not gpu_present():
         raise SystemExit("dcgraph bench gpu: no CUDA GPU here (torch.cuda.is_available() is False): build "
                          "here "
-                         "with --gpu-mode build, run benchmarks/suite/gpu_run.sh on a GPU machine")
+                         "with --gpu-mode build, run benchmarks/gpu_run.sh on a GPU machine")
     return run(art, quick, repeats, command=command)

@@ -1,7 +1,8 @@
 """The operator fusion benchmark suite (issue 8): dcgraph against the peers, side by side.
 
-One command (``dcgraph bench [op|model|train|gpu|all] [--quick] [--db DIR]``, or
-``python -m benchmarks.suite ...``) answers: how much does fusing Deep Control save on this
+Installed with the package (``dcgraph.bench``), so it runs from a wheel. One command
+(``dcgraph bench [op|model|train|gpu|all] [--quick] [--db DIR] [--out DIR]``, or
+``python -m dcgraph.bench ...``) answers: how much does fusing Deep Control save on this
 machine, against what a user would otherwise run?
 
 - :mod:`.op_level`: one conv + Deep Control + activation block on the conv shapes of
@@ -21,5 +22,9 @@ machine, against what a user would otherwise run?
 Every row is checked against :mod:`dcgraph.reference` (or the original model) once before it
 is timed; a row that fails is reported as failed and not timed. Rows that depend on work not
 done yet say "not yet"; rows left out by ``--quick`` or by a missing runtime say "skipped":
-no row silently disappears. Results: ``benchmarks/results/fusion_<level>[_quick].{json,md,png}``.
+no row silently disappears. Results: ``<--out>/fusion_<level>[_quick].{json,md,png}``
+(the repository's committed results, ``benchmarks/results``, are one such run).
+
+:mod:`.common` (timing, machine info, result files) and :mod:`.gpu_runtime` (CUDA modules
+built here, run elsewhere) serve the suite and the checkout's ``benchmarks/`` scripts alike.
 """

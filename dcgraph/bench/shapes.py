@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.common import RESNET18  # no dcgraph import: the GPU machine runs this
+from .common import RESNET18
 
 
 @dataclass(frozen=True)
