@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-slow lint bench bench-quick bench-train bench-fusion bench-fusion-gpu-build setup arm-setup gpu gpu-build clean
+.PHONY: run test test-slow lint bench bench-quick bench-train bench-fusion bench-fusion-gpu-build setup arm-setup gpu gpu-build wheel-check clean
 
 run: $(STAMP)                  ## the main job on the built-in model
 	$(BIN)/dcgraph demo
@@ -19,35 +19,38 @@ test: $(STAMP)                 ## lint and the test suite (slow tests excluded)
 test-slow: $(STAMP)            ## the long tests only
 	$(BIN)/python -m pytest -m slow
 
-bench: $(STAMP)                ## benchmarks, results in benchmarks/results/
+RESULTS := benchmarks/results
+
+bench: $(STAMP)                ## the question-per-script benchmarks, results in benchmarks/results/
 	$(BIN)/python benchmarks/op_speed.py
 	$(BIN)/python benchmarks/saved_memory.py
-	$(BIN)/python benchmarks/tvm_kernels.py
 	$(BIN)/python benchmarks/tune_curve.py   # ~20 min: MetaSchedule on 3 layers, up to 256 trials
 
 bench-quick: $(STAMP)
-	$(BIN)/dcgraph bench all --quick
+	$(BIN)/dcgraph bench all --quick --out $(RESULTS)
 	$(BIN)/python benchmarks/op_speed.py --quick
 	$(BIN)/python benchmarks/saved_memory.py --quick
 	$(BIN)/python benchmarks/train_grid.py --quick
-	$(BIN)/python benchmarks/tvm_kernels.py --quick
 	$(BIN)/python benchmarks/tune_curve.py --quick --no-progress
 
 bench-fusion: $(STAMP)         ## the fusion suite: op, model, train (+ gpu where present); DB=tuned/ TUNE=16 to tune first
-	$(BIN)/dcgraph bench all $(if $(DB),--db $(DB)) $(if $(TUNE),--tune $(TUNE))
+	$(BIN)/dcgraph bench all --out $(RESULTS) $(if $(DB),--db $(DB)) $(if $(TUNE),--tune $(TUNE))
 
-bench-fusion-gpu-build: $(STAMP)  ## the suite's TVM CUDA modules for benchmarks/suite/gpu_run.sh on a GPU machine
+bench-fusion-gpu-build: $(STAMP)  ## the GPU level's TVM CUDA modules + shared cases for benchmarks/gpu_run.sh on a GPU machine
 	$(BIN)/dcgraph bench gpu --gpu-mode build
 
 bench-train: $(STAMP)          ## the training study (about 20 min on 2 cores)
 	$(BIN)/python benchmarks/train_grid.py
 
-gpu: $(STAMP)                  ## on a machine with an NVIDIA GPU: CUDA correctness tests + kernel benchmark
+gpu: $(STAMP)                  ## on a machine with an NVIDIA GPU and TVM's compiler: CUDA tests + the GPU level
 	$(BIN)/python -m pytest tests/backends/test_cuda_run.py
-	$(BIN)/python benchmarks/gpu_kernels.py
+	$(BIN)/dcgraph bench gpu --out $(RESULTS)
 
-gpu-build: $(STAMP)            ## compile the CUDA modules here for benchmarks/gpu_run.sh on a GPU machine
-	$(BIN)/python benchmarks/gpu_kernels.py build
+gpu-build: bench-fusion-gpu-build  ## (the same) build here for benchmarks/gpu_run.sh on a GPU machine
+
+WHEEL_VENV ?= /tmp/dcgraph-wheel-venv
+wheel-check: $(STAMP)          ## build the wheel, install it in a fresh venv outside the checkout, run demo + bench op --quick there
+	bash .ci/wheel_check.sh "$(WHEEL_VENV)"
 
 setup: $(STAMP)
 

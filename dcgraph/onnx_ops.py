@@ -26,12 +26,13 @@ import onnx
 from onnx import AttributeProto, FunctionProto, ModelProto, NodeProto, TensorProto
 from onnx import helper as h
 
+from dcgraph.reference import ACTIVATIONS
+
 DOMAIN = "ai.dcgraph"
 VERSION = 1
 BODY_OPSET = 18  #: the default; bodies exist for default-domain opsets >= MIN_OPSET
 MIN_OPSET = 15  #: CastLike
 MIN_IR_VERSION = 10  # function overloads
-ACTIVATIONS = ("identity", "relu", "relu6", "leaky_relu", "hardswish", "silu")
 CONV_ATTRS = ("strides", "pads", "dilations", "group")
 
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+#: the activations of the spec (section 1): the one list every implementation takes its names from
 ACTIVATIONS = ("identity", "relu", "relu6", "leaky_relu", "hardswish", "silu")
 
 

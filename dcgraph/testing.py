@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
 from dcgraph.reference import ACTIVATIONS
 
@@ -93,6 +95,42 @@ GPU_TILE_CASES = [
 BATCHES = (1, 4)
 
 
+#: The spellings of Deep Control after a conv that every plain-ops matcher must recognise: the
+#: torch.fx rule (``passes/fx/linear_form.py``: any affine form), the ONNX rules
+#: (``passes/onnx/fuse_deep_control.py``: as exporters emit these) and the Relax fusion
+#: (``backends/tvm/fuse_plain.py``: as ``torch.export`` emits these). ``tests/test_forms.py``
+#: runs each through all three; a new spelling goes here first. Each is ``z(y, m, a, g, b)``,
+#: ``m`` the per-sample map mean of ``y``, ``a, g, b`` shaped ``(1, C, 1, 1)``.
+DC_FORMS: dict[str, Callable[..., torch.Tensor]] = {
+    "g(y-am)+b": lambda y, m, a, g, b: g * (y - a * m) + b,
+    "(y-ma)g+b": lambda y, m, a, g, b: (y - m * a) * g + b,
+    "(y-am)g+b": lambda y, m, a, g, b: (y - a * m) * g + b,
+    "yg-m(ag)+b": lambda y, m, a, g, b: y * g - m * (a * g) + b,
+    "yg+(b-agm)": lambda y, m, a, g, b: y * g + (b - a * g * m),  # dcgraph's DeepControl2d, plain
+}
+
+
+class PlainDeepControl(nn.Module):
+    """``act(form(conv(x)))``: a conv, then Deep Control written as plain ops in one spelling of
+    :data:`DC_FORMS` (a, g, b away from their trivial values), then the activation."""
+
+    def __init__(self, form: str, act: str = "relu", channels: tuple[int, int] = (3, 6),
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.form, self.act = form, act
+        self.conv = nn.Conv2d(channels[0], channels[1], 3, padding=1, bias=False)
+        gen = torch.Generator().manual_seed(seed)
+        for name in "agb":
+            self.register_parameter(name, nn.Parameter(0.5 + torch.rand(1, channels[1], 1, 1, generator=gen)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        z = DC_FORMS[self.form](y, y.mean(dim=(2, 3), keepdim=True), self.a, self.g, self.b)
+        acts = {"identity": lambda v: v, "relu": torch.relu, "relu6": torch.nn.functional.relu6,
+                "silu": torch.nn.functional.silu, "hardswish": torch.nn.functional.hardswish}
+        return acts[self.act](z)
+
+
 def with_batch(case: ConvCase, batch: int) -> ConvCase:
     """``case`` at another batch size (named ``<name>-b<batch>``)."""
     return dataclasses.replace(case, name=f"{case.name}-b{batch}", batch=batch)
@@ -116,5 +154,5 @@ def relative_error(got: np.ndarray | torch.Tensor, want: np.ndarray | torch.Tens
     return err if math.isfinite(err) else math.inf
 
 
-__all__ = ["ACTIVATIONS", "BATCHES", "CASES", "CASE_IDS", "GPU_TILE_CASES", "ConvCase", "batch_cases",
-           "relative_error", "with_batch"]
+__all__ = ["ACTIVATIONS", "BATCHES", "CASES", "CASE_IDS", "DC_FORMS", "GPU_TILE_CASES", "ConvCase",
+           "PlainDeepControl", "batch_cases", "relative_error", "with_batch"]

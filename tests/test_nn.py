@@ -7,8 +7,7 @@ from torch import nn
 import dcgraph
 from dcgraph import functional as DF
 from dcgraph import reference as R
-
-from .cases import ACTIVATIONS, CASE_IDS, CASES
+from dcgraph.testing import ACTIVATIONS, CASE_IDS, CASES
 
 CONV_MODULES = {1: dcgraph.DeepControlConv1d, 2: dcgraph.DeepControlConv2d, 3: dcgraph.DeepControlConv3d}
 DC_MODULES = {1: dcgraph.DeepControl1d, 2: dcgraph.DeepControl2d, 3: dcgraph.DeepControl3d}

@@ -11,8 +11,7 @@ from onnx import numpy_helper as nh
 
 from dcgraph import onnx_ops
 from dcgraph import reference as R
-
-from .cases import ACTIVATIONS, CASE_IDS, CASES
+from dcgraph.testing import ACTIVATIONS, CASE_IDS, CASES
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:

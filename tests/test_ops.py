@@ -7,8 +7,7 @@ from hypothesis import strategies as st
 
 from dcgraph import hoisting, ops
 from dcgraph import reference as R
-
-from .cases import ACTIVATIONS, CASE_IDS, CASES, ConvCase
+from dcgraph.testing import ACTIVATIONS, CASE_IDS, CASES, ConvCase
 
 TOL = {torch.float32: {"rtol": 1e-4, "atol": 1e-4}, torch.float64: {"rtol": 1e-10, "atol": 1e-10}}
 

@@ -12,6 +12,7 @@ keepdims=True)`` over exactly the spatial axes ``S``::
     z = y * g - m * (a * g) + b    (a recovered as (a*g) / g)
     z = y * g + reshape(b - (a * g) * m', (N, C, 1, ..))   with m' = mean(y, S) without keepdims
                                    (dcgraph.functional.deep_control, what DeepControl2d exports)
+    z = y * g + (b - (a * g) * m)  (the same, keepdims)
     out = act(z)                   act: relu | clip(z, 0, 6) | leaky_relu | hardswish (the torch,
                                    ONNX HardSwish and z * HardSigmoid spellings) | silu
                                    (z * sigmoid(z) or nn.silu) | none
@@ -26,7 +27,9 @@ keepdims for its form), non-constant ``a, g, b``, and any chain whose intermedia
 ``z`` has another user, Deep Control fuses without the activation, which stays as it was.
 
 Constants computed in the graph (``reshape(bias)``, ``a * g``) are folded first
-(``relax.transform.FoldConstant``); a module with no match is returned unchanged.
+(``relax.transform.FoldConstant``); a module with no match is returned unchanged. The spellings
+every plain-ops matcher (this one, the fx rule, the ONNX rules) is tested on are one table,
+:data:`dcgraph.testing.DC_FORMS` (``tests/test_forms.py``).
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ class DcMatch:
     conv: dict
     act: str
     alpha: float
-    form: str  # "scaled" (y - a*m)*g + b, "folded" y*g - m*(a*g) + b, "shifted" y*g + (b - a*g*m)
+    form: str  # "scaled" (y - a*m)*g + b, "folded" y*g - m*(a*g) + b, "shifted" y*g + (b - a*g*m) with
+    # the (N, C) mean reshaped back, "shifted_kd" the same with a keepdims mean
 
 
 # ------------------------------------------------------------------ patterns
@@ -87,7 +91,11 @@ class _Core:
         self.shift = is_op("relax.reshape")(
             is_op("relax.subtract")(self.b, is_op("relax.multiply")(self.mean, self.ag)), wildcard())
         self.shifted = is_op("relax.add")(is_op("relax.multiply")(self.y, self.g), self.shift)
-        self.forms = (("scaled", self.scaled), ("folded", self.folded), ("shifted", self.shifted))
+        # y * g + (b - (a*g) * mean(y, keepdims=True)): the same with the mean kept 4-d
+        self.shifted_kd = is_op("relax.add")(is_op("relax.multiply")(self.y, self.g), is_op("relax.subtract")(
+            self.b, is_op("relax.multiply")(self.mean, self.ag)))
+        self.forms = (("scaled", self.scaled), ("folded", self.folded), ("shifted", self.shifted),
+                      ("shifted_kd", self.shifted_kd))
 
 
 def _clip(v: DFPattern) -> DFPattern:

@@ -10,6 +10,9 @@ Leaves are ``y``, ``mean_S(y)`` (keepdim, exactly the spatial dims), parameters/
 broadcasting per channel, and Python numbers; ``+ - * /`` and negation combine them as long as
 the result stays affine (a product of two non-constant values fails). A form with ``Q != 0``
 is Deep Control with ``g = P``, ``a = -Q / P``, ``b = R``.
+
+The spellings all three plain-ops matchers (this one, the ONNX rules, the Relax fusion) are
+tested on are one table, :data:`dcgraph.testing.DC_FORMS` (``tests/test_forms.py``).
 """
 
 from __future__ import annotations

@@ -6,10 +6,12 @@ from __future__ import annotations
 import numpy as np
 from onnxscript import ir
 
+from dcgraph.reference import ACTIVATIONS
+
 from ..report import RewriteReport
 
 DOMAIN = "ai.dcgraph"
-ACTS = ("identity", "relu", "relu6", "leaky_relu", "hardswish", "silu")
+ACTS = ACTIVATIONS  # every activation of the spec has an ONNX spelling below
 
 
 def act_pattern(op, z, act: str):

@@ -5,6 +5,9 @@ exporters and people produce (``Mul`` and ``Add`` commute; ``M = ReduceMean(Y)``
 spatial axes with keepdims, axes as an input (opset 18+) or an attribute)::
 
     ((Y - M * A) * G) + B        (Y * G - M * C) + B  [a = C / G]        (Y - M * A) * G
+    Y * G + (B - M * C)  [a = C / G: dcgraph's DeepControl2d as exported]
+
+(the table every plain-ops matcher is tested on is :data:`dcgraph.testing.DC_FORMS`)
 
 followed by Relu, Clip(0, 6), LeakyRelu, HardSwish, ``x * Sigmoid(x)`` or nothing.
 """
@@ -19,7 +22,7 @@ from ..report import Match
 from .common import ACTS, DOMAIN, ConvInfo, Recorder, act_attrs, act_pattern, const, per_channel
 from .convert_norm import followed_by_activation
 
-FORMS = ("node", "scale_shift", "weighted", "scale_only")
+FORMS = ("node", "scale_shift", "weighted", "shifted", "scale_only")
 
 
 def _dc_pattern(op, conv, form: str, a, g, b):
@@ -30,6 +33,8 @@ def _dc_pattern(op, conv, form: str, a, g, b):
         return op.Add(op.Mul(op.Sub(conv, op.Mul(m, a)), g), b, _outputs=["dc_out"])
     if form == "weighted":
         return op.Add(op.Sub(op.Mul(conv, g), op.Mul(m, a)), b, _outputs=["dc_out"])
+    if form == "shifted":
+        return op.Add(op.Mul(conv, g), op.Sub(b, op.Mul(m, a)), _outputs=["dc_out"])
     return op.Mul(op.Sub(conv, op.Mul(m, a)), g, _outputs=["dc_out"])
 
 
@@ -73,7 +78,7 @@ class FuseDeepControlConv(RewriteRuleClassBase):
         bv = per_channel(const(b), c, rank) if self.form != "scale_only" else np.zeros(c)
         if av is None or gv is None or bv is None:
             return "the Deep Control parameters are not per-channel constants"
-        if self.form == "weighted":
+        if self.form in ("weighted", "shifted"):  # the pattern's A is a * g
             if not gv.all():
                 return "zero gain in some channel"
             av = av / gv

@@ -26,8 +26,7 @@ from dcgraph.backends.tvm import lowering  # noqa: E402
 from dcgraph.backends.tvm.frontends.from_onnx import OnnxFrontendError, from_onnx  # noqa: E402
 from dcgraph.backends.tvm.lowering import KERNEL_ATTR  # noqa: E402
 from dcgraph.backends.tvm.pipeline import relax_pipeline  # noqa: E402
-
-from ..cases import ACTIVATIONS, CASE_IDS, CASES  # noqa: E402
+from dcgraph.testing import ACTIVATIONS, CASE_IDS, CASES  # noqa: E402
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
 TOL = {"rtol": 1e-4, "atol": 1e-4}
