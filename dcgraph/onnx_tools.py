@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from dcgraph.compare import worst_error
+
 
 class OnnxFileError(ValueError):
     """The input is not a valid ONNX model, or the output cannot be written."""
@@ -91,11 +93,8 @@ def run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
 
 def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto,
             shape: tuple[int, ...] | None = None, seed: int = 0) -> float:
-    """Worst relative difference (max |diff| / max |ref|) of the two models' outputs in
-    onnxruntime on the same random inputs."""
+    """Worst relative difference (:func:`dcgraph.compare.worst_error`: NaN, infinity, a shape or
+    output-count mismatch give ``inf``) of the two models' outputs in onnxruntime on the same
+    random inputs."""
     feed = _input_feed(reference, shape, seed)
-    worst = 0.0
-    for r, c in zip(run(reference, feed), run(candidate, feed), strict=True):
-        worst = max(worst, float(np.abs(c.astype(np.float64) - r).max() /
-                                 max(np.abs(r).max(), 1e-30)))
-    return worst
+    return worst_error(run(candidate, feed), run(reference, feed))[0]

@@ -10,14 +10,13 @@ batch 1, conv bias, and 1-d / 3-d convolutions.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
+from dcgraph.compare import relative_error
 from dcgraph.reference import ACTIVATIONS
 
 
@@ -139,19 +138,6 @@ def with_batch(case: ConvCase, batch: int) -> ConvCase:
 def batch_cases(batches: tuple[int, ...] = BATCHES) -> list[ConvCase]:
     """Every shared case at each batch size (batch 1 and 4 by default)."""
     return [with_batch(c, b) for c in CASES for b in batches]
-
-
-def relative_error(got: np.ndarray | torch.Tensor, want: np.ndarray | torch.Tensor) -> float:
-    """``max |got - want| / max |want|`` in float64; ``inf`` when the shapes differ or anything
-    is NaN or infinite, so that a broken output can never pass a tolerance check."""
-    g = np.asarray(got.detach().cpu() if isinstance(got, torch.Tensor) else got, dtype=np.float64)
-    w = np.asarray(want.detach().cpu() if isinstance(want, torch.Tensor) else want, dtype=np.float64)
-    if g.shape != w.shape:
-        return math.inf
-    if g.size == 0:
-        return 0.0
-    err = float(np.abs(g - w).max() / max(float(np.abs(w).max()), 1e-12))
-    return err if math.isfinite(err) else math.inf
 
 
 __all__ = ["ACTIVATIONS", "BATCHES", "CASES", "CASE_IDS", "DC_FORMS", "GPU_TILE_CASES", "ConvCase",

@@ -8,25 +8,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from dcgraph.compare import leaves, relative_error
+
 
 class VerificationError(AssertionError):
     """An exact rewrite changed what the model computes."""
 
 
 def _leaves(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _leaves(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _leaves(v)]
-    return []
-
-
-def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """``max |ours - ref| / max |ref|``: one number per output, scale-free."""
-    ours, ref = ours.detach().double(), ref.detach().double()
-    return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+    return [t for t in leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def _set_mode(m: nn.Module, training: bool) -> nn.Module:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dcgraph.testing import relative_error
+from dcgraph.compare import relative_error
 
 from .common import geomean, machine_info, results_dir, time_interleaved, write_results
 
