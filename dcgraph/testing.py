@@ -130,6 +130,29 @@ class PlainDeepControl(nn.Module):
         return acts[self.act](z)
 
 
+def live_mean(model: nn.Module, seed: int = 0, low: float = 0.5, high: float = 1.5) -> nn.Module:
+    """``model``'s norms converted to Deep Control modules (the exact ``preserve`` init), then every
+    ``a`` drawn from ``[low, high)``: the per-sample mean term is live in every block.
+
+    The result is the eager reference for whole-model checks: a model converted from BatchNorm
+    with ``preserve`` has ``a = 0``, where the mean term (the hoisted shift's taps, its stride,
+    ``a`` itself) drops out and a broken mean path cannot be seen. Its Deep Control modules run
+    as plain ops (:func:`dcgraph.functional.deep_control`); ``compile`` fuses them like any other.
+    """
+    from dcgraph.nn import _DeepControlNd
+    from dcgraph.passes.fx import convert
+
+    converted, report = convert(model.eval())
+    if not report.matches:
+        raise ValueError("the model has no conv + norm block to convert")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in converted.modules():
+            if isinstance(m, _DeepControlNd):
+                m.a.copy_(low + (high - low) * torch.rand(m.a.shape, generator=gen))
+    return converted.eval()
+
+
 def with_batch(case: ConvCase, batch: int) -> ConvCase:
     """``case`` at another batch size (named ``<name>-b<batch>``)."""
     return dataclasses.replace(case, name=f"{case.name}-b{batch}", batch=batch)
@@ -141,4 +164,4 @@ def batch_cases(batches: tuple[int, ...] = BATCHES) -> list[ConvCase]:
 
 
 __all__ = ["ACTIVATIONS", "BATCHES", "CASES", "CASE_IDS", "DC_FORMS", "GPU_TILE_CASES", "ConvCase",
-           "PlainDeepControl", "batch_cases", "relative_error", "with_batch"]
+           "PlainDeepControl", "batch_cases", "live_mean", "relative_error", "with_batch"]

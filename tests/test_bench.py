@@ -8,6 +8,7 @@ assertions: the numbers on a shared 2-core machine say nothing about correctness
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -113,7 +114,11 @@ def test_model_level_checks_against_the_batchnorm_model():
     rows = data["cases"][0]["rows"]
     for key in ("bn_eager", "plain_eager", "fused_eager", "ort_function", "tvm_fused"):
         assert rows[key]["status"] == H.OK and rows[key]["error"] < 1e-3, (key, rows[key])
-    assert "26 Deep Control" in rows["tvm_fused"]["kernels"] or "Deep Control" in rows["tvm_fused"]["kernels"]
+    # the TVM row ran dcgraph's fused kernels: its summary counts them among the model's kernels
+    found = re.search(r"(\d+) kernels, (\d+) Deep Control", rows["tvm_fused"]["kernels"])
+    assert found, rows["tvm_fused"]["kernels"]
+    total, dc = int(found.group(1)), int(found.group(2))
+    assert 10 <= dc < total, rows["tvm_fused"]["kernels"]
 
 
 def test_train_level_agreement_and_a_fresh_process_row():

@@ -1,7 +1,11 @@
 """The ``dcgraph`` command: --help, --version, the demo job, bad arguments."""
 
+import re
 import subprocess
 import sys
+
+import numpy as np
+import pytest
 
 import dcgraph
 from dcgraph import cli
@@ -25,7 +29,8 @@ def test_demo_runs_and_reports():
     res = _run("demo", "--batch", "2", "--size", "16", "--repeats", "2", "--no-progress")
     assert res.returncode == 0, res.stderr
     assert "outputs and all gradients agree" in res.stdout
-    assert "verified TVM against the original PyTorch model" in res.stdout
+    found = re.search(r"verified TVM against the original PyTorch model: relative error (\S+) ", res.stdout)
+    assert found and float(found.group(1)) <= 1e-4, res.stdout  # the number, not just the label
     for label in ("fused op", "plain ops", "BatchNorm"):
         assert label in res.stdout
 
@@ -140,3 +145,43 @@ def test_onnx_convert_errors(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_onnx_convert_verify_rejects_a_nan_output(tmp_path, capsys):
+    """A model whose output is NaN (a negative running variance) cannot be "verified"."""
+    import onnx
+    import torch
+    from onnx import numpy_helper as nh
+    from torch import nn
+
+    from dcgraph.onnx_export import export_onnx
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    proto = export_onnx(model, torch.randn(1, 3, 8, 8))
+    (var,) = [t for t in proto.graph.initializer if "running_var" in t.name]
+    var.CopyFrom(nh.from_array(-np.ones(4, np.float32), var.name))
+    src, out = tmp_path / "nan.onnx", tmp_path / "out.onnx"
+    onnx.save(proto, str(src))
+    capsys.readouterr()
+    assert cli.main(["onnx", "convert", str(src), "-o", str(out), "--verify"]) == 1
+    err = capsys.readouterr().err
+    assert "relative difference inf" in err and "Traceback" not in err
+    assert not out.exists()  # nothing written when the verification fails
+
+
+def test_demo_exits_non_zero_when_tvm_disagrees(monkeypatch, capsys):
+    """The demo's TVM check has a threshold: a NaN (or any error above 1e-4) fails the command."""
+    pytest.importorskip("tvm")
+    from dcgraph import demo
+    from dcgraph.passes.verify import VerificationError
+
+    monkeypatch.setattr(demo, "relative_error", lambda got, want: float("nan"))
+    with pytest.raises(VerificationError, match="differs from the original"):
+        demo.rewrite_section(batch=1, repeats=1, width=4, size=32)
+
+    def broken(*args, **kwargs):
+        raise VerificationError("the TVM-compiled model differs from the original: relative error inf")
+
+    monkeypatch.setattr(demo, "rewrite_section", broken)
+    assert cli.main(["demo", "--batch", "1", "--repeats", "1", "--no-progress"]) == 1
+    assert "dcgraph demo: error: the TVM-compiled model differs" in capsys.readouterr().err

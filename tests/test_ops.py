@@ -125,14 +125,35 @@ def test_gradient_matches_autograd_of_reference_float32():
         torch.testing.assert_close(ours[n].grad, ref[n].grad.float(), rtol=1e-4, atol=1e-4, msg=n)
 
 
-def test_frozen_parameters_get_no_gradient_and_skip_work():
-    case = CASES[0]
+def test_frozen_parameters_get_no_gradient_and_skip_work(monkeypatch):
+    """The backward is told which gradients are needed and computes none of the others: with a,
+    g, b frozen it returns empty tensors for them (no work), and gradients only for x and W."""
+    calls = []
+    original = ops.conv_deep_control_backward_op
+
+    def spy(*args):
+        grads = original(*args)
+        calls.append((list(args[-1]), [g.numel() for g in grads]))
+        return grads
+
+    monkeypatch.setattr(ops, "conv_deep_control_backward_op", spy)
+    case = CASES[0]  # no conv bias
     t = case.tensors(torch.float64)
     x, w = t["x"].requires_grad_(), t["weight"].requires_grad_()
     out = _run(ops.conv_deep_control_op, case, t)
     out.sum().backward()
+    ((mask, sizes),) = calls
+    assert mask == [True, True, False, False, False, False]
+    assert sizes[0] == x.numel() and sizes[1] == w.numel() and sizes[2:] == [0, 0, 0, 0]
     assert x.grad is not None and w.grad is not None
-    assert t["a"].grad is None and t["g"].grad is None
+    # and with a learning, its gradient is computed (and only then)
+    calls.clear()
+    t = case.tensors(torch.float64)
+    a = t["a"].requires_grad_()
+    _run(ops.conv_deep_control_op, case, t).sum().backward()
+    ((mask, sizes),) = calls
+    assert mask == [False, False, False, True, False, False] and sizes[3] == a.numel()
+    assert a.grad is not None and bool(torch.isfinite(a.grad).all())
 
 
 def test_saves_only_input_and_output():

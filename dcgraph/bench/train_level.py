@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -85,6 +86,8 @@ def agreement(width: int, batch: int, size: int, rtol: float = 1e-4) -> dict[str
     worst, where = 0.0, ""
     for name, ours, ref in pairs:
         rel = float((ours - ref).abs().max()) / max(float(ref.abs().max()), floor, 1e-30)
+        if not math.isfinite(rel):  # NaN must not be overwritten by the next finite value
+            rel = math.inf
         if not rel <= worst:
             worst, where = rel, name
     return {"worst": worst, "where": where, "compared": len(pairs), "ok": worst <= rtol, "rtol": rtol}

@@ -15,6 +15,7 @@ from dcgraph import zoo
 from dcgraph.backends import tvm as dtvm
 from dcgraph.backends.tvm import targets
 from dcgraph.backends.tvm.pipeline import relax_pipeline
+from dcgraph.testing import live_mean
 from tests.backends.tvm_cases import RTOL, batch_cases, case_module, relative_error
 
 ARM = targets.resolve("arm")
@@ -51,8 +52,9 @@ def test_kernel_on_arm_matches_reference(arm_cases, arm_remote, case):
 
 @pytest.fixture(scope="module")
 def resnet():
+    """ResNet-18-like with the mean path live (a != 0 after conversion): a = 0 would hide a broken mean."""
     torch.manual_seed(0)
-    model = zoo.randomize_norm_stats(zoo.resnet18_like(width=8)).eval()
+    model = live_mean(zoo.randomize_norm_stats(zoo.resnet18_like(width=8)))
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(x)
@@ -64,17 +66,18 @@ def test_resnet_torch_route_on_arm(arm_remote, resnet):
     compiled = dtvm.compile(model, "arm", x)
     assert compiled.untuned  # default schedules, and it says so
     got = compiled.remote(arm_remote)(x)
-    assert float((got - want).abs().max() / want.abs().max()) < RTOL
+    assert relative_error(got, want) < RTOL
 
 
 def test_resnet_onnx_route_on_arm(arm_remote, resnet):
-    """torch -> ONNX with BatchNorm -> dcgraph's ONNX rules -> TVM's ONNX importer + dcgraph's converter."""
+    """torch (Deep Control modules) -> ONNX -> dcgraph's ONNX rules -> TVM's ONNX importer + dcgraph's
+    converter."""
     from dcgraph.onnx_export import export_onnx
 
     model, x, want = resnet
     compiled = dtvm.compile(export_onnx(model, x), "arm", x)
     got = compiled.remote(arm_remote)(x)
-    assert float((got - want).abs().max() / want.abs().max()) < RTOL
+    assert relative_error(got, want) < RTOL
 
 
 def test_arm_code_does_not_run_here(resnet):

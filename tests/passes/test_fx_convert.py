@@ -29,6 +29,10 @@ def test_zoo_preserve_is_exact(name):
     assert report.counts == {"conv+batchnorm->deep_control": PAIRS[name]}
     assert report.exact
     assert verify(model, converted, [x], rtol=1e-5) <= 1e-5
+    # and in float64, where a wrong rewrite cannot hide behind float32 rounding
+    model64 = model.double()
+    converted64, _ = convert(model64)
+    assert verify(model64, converted64, [x.double()], rtol=1e-10) <= 1e-10
     dcs = [m for m in converted.modules() if isinstance(m, DeepControl2d)]
     assert len(dcs) == PAIRS[name] and all((m.a == 0).all() for m in dcs)
 

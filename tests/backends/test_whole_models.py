@@ -1,0 +1,141 @@
+"""Whole models through every TVM route with the mean path live, and the guard that keeps it so.
+
+A BatchNorm model converted with the exact ``preserve`` init has ``a = 0`` in every block: the
+per-sample mean term drops out, and a fused kernel whose mean is wrong (a hoisted shift that
+ignores the stride, an epilogue that ignores ``a``) still matches. Here every model is
+:func:`dcgraph.testing.live_mean` (``a`` drawn from [0.5, 1.5) after conversion) and the
+reference is that eager model (Deep Control as plain ops), on each route: torch and ONNX import
+on x86, the emulated ARM device, a tuned build. Then the *same* check with each kernel mutation
+applied must fail on each route: if a future kernel rewrite breaks the mean, these tests see it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+tvm = pytest.importorskip("tvm")
+from tvm import te  # noqa: E402
+
+from dcgraph import zoo  # noqa: E402
+from dcgraph.backends import tvm as dtvm  # noqa: E402
+from dcgraph.backends.tvm import kernels  # noqa: E402
+from dcgraph.testing import live_mean, relative_error  # noqa: E402
+
+RTOL = 1e-4  # float32 TVM vs the float32 eager model, relative to the output's scale
+ROUTES = ("torch", "onnx", "arm", "tuned")
+
+
+def _zero_like(a: te.Tensor) -> te.Tensor:
+    return te.compute(a.shape, lambda *i: tvm.tirx.const(0.0, a.dtype), name="a_ignored")
+
+
+def _ignore_stride(original):
+    """The hoisted shift computed as if every conv had stride 1 (its taps and count go wrong)."""
+    def shift(x, w, bias, a, g, b, *, stride, padding, dilation, groups):
+        return original(x, w, bias, a, g, b, stride=[1] * len(stride), padding=padding, dilation=dilation,
+                        groups=groups)
+    return shift
+
+
+def _ignore_a_shift(original):
+    def shift(x, w, bias, a, g, b, **conv):
+        return original(x, w, bias, _zero_like(a), g, b, **conv)
+    return shift
+
+
+def _ignore_a_two_pass(original):
+    def dc(y, a, g, b, act="identity", negative_slope=0.01):
+        return original(y, _zero_like(a), g, b, act, negative_slope)
+    return dc
+
+
+MUTATIONS = {
+    "ignore_stride": {"hoisted_shift": _ignore_stride},
+    "ignore_a": {"hoisted_shift": _ignore_a_shift, "deep_control": _ignore_a_two_pass},
+}
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    """ResNet-18-like (its stride-2 convs and 1x1 downsamples), width 8, 32 px, mean path live."""
+    model = live_mean(zoo.randomize_norm_stats(zoo.resnet18_like(width=8)))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(x)
+    return model, x, want
+
+
+@pytest.fixture(scope="module")
+def tuned_db(resnet, tmp_path_factory):
+    """A database of the live model's kernels: 2 trials (the costliest kernel gets them)."""
+    from dcgraph.backends.tvm.tuning import tune
+
+    model, x, _ = resnet
+    db = tmp_path_factory.mktemp("whole") / "db"
+    report = tune(model, "x86", x, trials=2, min_trials=2, db=db, progress=False)
+    assert report.tasks and report.wrong_results == 0
+    return db
+
+
+def _compiled_output(route: str, model, x: torch.Tensor, request) -> torch.Tensor:
+    """The model's output through one route."""
+    if route == "onnx":
+        from dcgraph.onnx_export import export_onnx
+
+        return dtvm.compile(export_onnx(model, x[:1]), "x86", x)(x)
+    if route == "arm":
+        remote = request.getfixturevalue("arm_remote")
+        return dtvm.compile(model, "arm", x).remote(remote)(x)
+    if route == "tuned":
+        compiled = dtvm.compile(model, "x86", x, database=request.getfixturevalue("tuned_db"))
+        assert any(k.schedule == "tuned" for k in compiled.kernels), compiled.summary()
+        return compiled(x)
+    return dtvm.compile(model, "x86", x)(x)
+
+
+def test_the_mean_is_live(resnet):
+    """The check below can fail: with a = 0 (what preserve gives) the model computes something else."""
+    model, x, want = resnet
+    a_values = [m.a for m in model.modules() if isinstance(getattr(m, "a", None), torch.nn.Parameter)]
+    assert len(a_values) == 20 and all(bool((a >= 0.5).all()) for a in a_values)
+    saved = [a.detach().clone() for a in a_values]
+    try:
+        with torch.no_grad():
+            for a in a_values:
+                a.zero_()
+            without = model(x)
+    finally:
+        with torch.no_grad():
+            for a, v in zip(a_values, saved, strict=True):
+                a.copy_(v)
+    assert relative_error(without, want) > 1e-2
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_whole_model_matches_the_eager_model(resnet, route, request):
+    model, x, want = resnet
+    assert relative_error(_compiled_output(route, model, x, request), want) <= RTOL
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_broken_mean_fails_the_whole_model_check(resnet, route, mutation, request, monkeypatch):
+    model, x, want = resnet
+    for name, make in MUTATIONS[mutation].items():
+        monkeypatch.setattr(kernels, name, make(getattr(kernels, name)))
+    err = relative_error(_compiled_output(route, model, x, request), want)
+    assert not err <= RTOL, f"{mutation} on the {route} route passed the whole-model check ({err:.1e})"
+
+
+def test_depthwise_two_pass_model_matches_and_its_mutation_fails(monkeypatch):
+    """MobileNetV2-like: depthwise convs lower two-pass (plan auto), the others hoisted."""
+    model = live_mean(zoo.randomize_norm_stats(zoo.mobilenet_v2_like(width=8)))
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+    compiled = dtvm.compile(model, "x86", x)
+    assert any("dc_two_pass" in k.name for k in compiled.kernels)
+    assert relative_error(compiled(x), want) <= RTOL
+    monkeypatch.setattr(kernels, "deep_control", _ignore_a_two_pass(kernels.deep_control))
+    assert not relative_error(dtvm.compile(model, "x86", x)(x), want) <= RTOL
