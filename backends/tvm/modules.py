@@ -63,9 +63,11 @@ def block_module(kind: str, x_shape: Sequence[int], w_shape: Sequence[int], *, a
                  stride: Sequence[int] | int = 1, padding: Sequence[int] | int = 0,
                  dilation: Sequence[int] | int = 1, groups: int = 1, bias: bool = False,
                  negative_slope: float = 0.01, consts: Mapping[str, np.ndarray] | None = None,
-                 plan: str | None = None, dtype: str = "float32") -> tvm.IRModule:
+                 plan: str | None = None, dtype: str = "float32", bb: relax.BlockBuilder | None = None,
+                 name: str = "main") -> tvm.IRModule:
     """The module of one block (see the module docstring); ``main``'s inputs: ``x``, then every
-    one of ``weight, [bias], a, g, b`` not in ``consts``."""
+    one of ``weight, [bias], a, g, b`` not in ``consts``. With ``bb``, the block is added to that
+    builder as function ``name`` (many blocks, one module, one library)."""
     if kind not in KINDS:
         raise ValueError(f"unknown block kind {kind!r}; expected one of {', '.join(KINDS)}")
     consts = dict(consts or {})
@@ -75,15 +77,15 @@ def block_module(kind: str, x_shape: Sequence[int], w_shape: Sequence[int], *, a
     shapes = {"weight": tuple(w_shape), "bias": (c_out,), "a": (c_out,), "g": (c_out,), "b": (c_out,)}
     x = relax.Var("x", relax.TensorType(tuple(x_shape), dtype))
     params, vals = [x], {}
-    for name in names:
-        if name in consts:
-            vals[name] = relax.const(np.asarray(consts[name], dtype=dtype), dtype)
+    for arg in names:
+        if arg in consts:
+            vals[arg] = relax.const(np.asarray(consts[arg], dtype=dtype), dtype)
         else:
-            vals[name] = relax.Var(name, relax.TensorType(shapes[name], dtype))
-            params.append(vals[name])
+            vals[arg] = relax.Var(arg, relax.TensorType(shapes[arg], dtype))
+            params.append(vals[arg])
     conv = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
-    bb = relax.BlockBuilder()
-    with bb.function("main", params):
+    bb = bb or relax.BlockBuilder()
+    with bb.function(name, params):
         with bb.dataflow():
             if kind == "fused":
                 out = emit_conv_deep_control(bb, x, vals["weight"], vals.get("bias"), vals["a"], vals["g"],

@@ -61,15 +61,8 @@ def resnet():
     return model, x, want
 
 
-def test_resnet_torch_route_on_arm(arm_remote, resnet):
-    model, x, want = resnet
-    compiled = dtvm.compile(model, "arm", x)
-    assert compiled.untuned  # default schedules, and it says so
-    got = compiled.remote(arm_remote)(x)
-    assert relative_error(got, want) < RTOL
-
-
 def test_resnet_onnx_route_on_arm(arm_remote, resnet):
+    # (the torch route on ARM, and its mutation guard: test_whole_models.py)
     """torch (Deep Control modules) -> ONNX -> dcgraph's ONNX rules -> TVM's ONNX importer + dcgraph's
     converter."""
     from dcgraph.onnx_export import export_onnx

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import tvm
+from tvm import relax
 
 from dcgraph import reference
 from dcgraph.backends.tvm.modules import block_module
@@ -21,13 +22,16 @@ RTOL = 1e-4
 __all__ = ["BATCHES", "RTOL", "batch_cases", "case_module", "relative_error", "with_batch"]
 
 
-def case_module(case: ConvCase, plan: str = "hoisted", kind: str = "fused"
+def case_module(case: ConvCase, plan: str = "hoisted", kind: str = "fused",
+                bb: relax.BlockBuilder | None = None, name: str = "main"
                 ) -> tuple[tvm.IRModule, list[np.ndarray], np.ndarray]:
-    """``(module, float32 inputs, float64 reference output)``: x, weight, [bias], a, g, b as inputs."""
+    """``(module, float32 inputs, float64 reference output)``: x, weight, [bias], a, g, b as inputs.
+
+    With ``bb``, the case is added to that builder as function ``name`` (many cases, one module)."""
     t = case.tensors(torch.float64)
     names = [k for k in ("x", "weight", "bias", "a", "g", "b") if t[k] is not None]
     mod = block_module(kind, tuple(t["x"].shape), tuple(t["weight"].shape), act=case.act, bias=case.bias,
-                       plan=plan, **case.conv_kwargs())
+                       plan=plan, bb=bb, name=name, **case.conv_kwargs())
     want = reference.conv_deep_control(t["x"], t["weight"], t["bias"], t["a"], t["g"], t["b"],
                                        act=case.act, **case.conv_kwargs()).numpy()
     return mod, [t[k].float().numpy() for k in names], want
