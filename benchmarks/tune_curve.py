@@ -2,7 +2,7 @@
 
 For ResNet-18 conv shapes at batch 1 (conv 3x3 + Deep Control + relu, dcgraph's hoisted plan:
 ``dc_shift`` computes the per-sample shift from the input, ``dc_conv`` is the convolution with
-the scale/shift/relu epilogue), ``dcgraph.backends.tvm.tune`` spends the trials on ``dc_conv``
+the scale/shift/relu epilogue), ``dcgraph.backends.tvm.tuning`` spends the trials on ``dc_conv``
 ("the fused kernel"); ``dc_shift`` keeps its default schedule. One database per layer grows
 across the steps (``tune`` resumes: the step to 64 trials spends 48 more), so "after N trials"
 is what a user gets from ``dcgraph tune --trials N``; the schedule after N is the best of the
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Forward, fp32, batch 1, {args.threads} threads, {info['cpu']}, TVM {info['tvm']} "
         f"({info['tvm_target']}), torch {info['torch']}, {info['date']}. Median ms of {repeats} "
         f"interleaved runs in shuffled order; (ratio to PyTorch's conv alone). Trials spent on the "
-        f"fused kernel (dc_conv) by `dcgraph.backends.tvm.tune`, cost model {cost}; 0 = dcgraph's "
+        f"fused kernel (dc_conv) by `dcgraph.backends.tvm.tuning`, cost model {cost}; 0 = dcgraph's "
         f"default schedule. "
         f"`{cmd}`: {wall / 60:.1f} min this run; the last column is the tuning time of each step "
         f"(kept with the database, so a rerun on an existing --db measures without re-tuning).",

@@ -63,10 +63,10 @@ def run(args: argparse.Namespace) -> int:
     if targets.runs_here(target):
         runner = compiled
     elif args.verify and targets.is_arm(target):
-        from dcgraph.backends.tvm import remote as emulation
+        from dcgraph.backends.tvm import remote
 
-        root = emulation.ensure_arm_root(progress=lambda m: print(m, file=sys.stderr))
-        server = emulation.ArmRpcServer(root).__enter__()
+        root = remote.ensure_arm_root(progress=lambda m: print(m, file=sys.stderr))
+        server = remote.ArmRpcServer(root).__enter__()
         runner = compiled.remote(server.connect())
     try:
         if runner is not None and not args.no_verify:

@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                "  python -m tvm.exec.rpc_tracker --host 127.0.0.1 --port 9190 --port-end 9191\n"
                "  python -m tvm.exec.rpc_server --tracker 127.0.0.1:9190 --key x86   (on each device)\n"
                "  dcgraph tune resnet18 --trials 200 --rpc 127.0.0.1:9190 --key x86\n"
-               "For --target arm, the emulated arm64 server of dcgraph.backends.tvm.emulation "
+               "For --target arm, the emulated arm64 server of dcgraph.backends.tvm.remote "
                "registers the same way (ArmRpcServer(tracker=..., key=...)).\n"
                "Cost model: XGBoost when xgboost is installed, else random (said in the output).\n"
                "Then: dcgraph compile MODEL --target TARGET --db DB uses the records "

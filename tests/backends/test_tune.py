@@ -1,4 +1,4 @@
-"""MetaSchedule tuning (dcgraph.backends.tvm.tune): records, resume, reuse by compile, RPC, failures.
+"""MetaSchedule tuning (dcgraph.backends.tvm.tuning): records, resume, reuse by compile, RPC, failures.
 
 One conv -> BatchNorm -> relu block (8 -> 8 channels, 8x8 input) gives two fused Deep Control
 kernels (the hoisted shift and the conv with its epilogue); a few trials each keep the module
@@ -43,9 +43,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def block() -> nn.Module:
     """The model under test (also loaded by the CLI as tests.backends.test_tune:block): conv + BN +
     relu converted to Deep Control with the mean path live (a != 0), so a tuned kernel whose
-    mean is wrong cannot match."""
+    mean is wrong cannot match; strided, so that a shift ignoring the stride cannot either."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
     return live_mean(randomize_norm_stats(model))
 
 
@@ -116,9 +116,11 @@ def test_a_second_run_resumes_instead_of_starting_over(tuned, capsys, tmp_path):
     assert [t["trials_before"] for t in data["tasks"]] == [4, 4]
     # a larger budget spends only the difference
     report = tune(block(), TARGET, example(), trials=12, db=db, progress=False, min_trials=4)
-    assert report.trials_run == 4
-    assert sum(t.trials for t in report.tasks) == 12
-    assert len(records(db)) == before + 4
+    assert 1 <= report.trials_run <= 4
+    assert sum(t.trials for t in report.tasks) == 8 + report.trials_run
+    assert len(records(db)) == before + report.trials_run
+    if report.trials_run < 4:  # MetaSchedule ran out of new candidates: the report says so
+        assert any("the search stopped after" in t.note for t in report.tasks), report.table()
 
 
 def test_compiled_model_uses_the_tuned_kernels_and_matches(tuned):
@@ -211,7 +213,7 @@ def _servers(tracker, n: int, key: str):
     return servers
 
 
-def test_rpc_tracker_and_two_servers_measure_and_a_dead_fleet_stops_the_run(tmp_path):
+def test_rpc_tracker_and_two_servers_measure(tmp_path):
     from dcgraph.backends.tvm.remote.rpc import Tracker
 
     db = tmp_path / "db"
@@ -225,7 +227,24 @@ def test_rpc_tracker_and_two_servers_measure_and_a_dead_fleet_stops_the_run(tmp_
             assert "2 devices" in report.device
             assert report.trials_run == 8
             assert all(s.sessions() > 0 for s in servers), [s.sessions() for s in servers]
+        finally:
+            for s in servers:
+                s.stop()
+    # with no device at all, tuning fails at once with the reason
+    with pytest.raises(TuneError, match="not reachable"):
+        tune(block(), TARGET, example(), trials=4, db=db, rpc=tracker.address, key="x86-test", progress=False)
 
+
+@pytest.mark.slow  # waits for the dead devices' measurements to fail: ~100 s
+def test_a_dead_fleet_stops_the_run_with_its_records_kept(tmp_path):
+    from dcgraph.backends.tvm.remote.rpc import Tracker
+
+    db = tmp_path / "db"
+    with Tracker() as tracker:
+        servers = _servers(tracker, 2, "x86-test")
+        try:
+            tune(block(), TARGET, example(), trials=4, db=db, rpc=tracker.address, key="x86-test",
+                 progress=False, min_trials=4)
             # the whole fleet dies in the middle of a run: a clear error, not a hang; records kept
             rec = database_dir(db, TARGET) / "database_tuning_record.json"
             start = len(rec.read_text().splitlines())
@@ -239,11 +258,9 @@ def test_rpc_tracker_and_two_servers_measure_and_a_dead_fleet_stops_the_run(tmp_
 
             killer = threading.Thread(target=kill_when_measuring, daemon=True)
             killer.start()
-            t0 = time.monotonic()
             with pytest.raises(TuneError, match="no RPC server with key 'x86-test'") as err:
                 tune(block(), TARGET, example(), trials=64, db=db, rpc=tracker.address, key="x86-test",
                      progress=False, min_trials=4)
-            assert time.monotonic() - t0 < 150
             assert "\n" not in str(err.value) and "kept in" in str(err.value)
             assert err.value.report is not None and err.value.report.error
             assert len(records(db)) >= start + 2  # everything measured before the kill
@@ -251,9 +268,6 @@ def test_rpc_tracker_and_two_servers_measure_and_a_dead_fleet_stops_the_run(tmp_
         finally:
             for s in servers:
                 s.stop()
-    # with no device at all, tuning fails at once with the reason
-    with pytest.raises(TuneError, match="not reachable"):
-        tune(block(), TARGET, example(), trials=4, db=db, rpc=tracker.address, key="x86-test", progress=False)
 
 
 def test_cli_reports_errors_in_one_line(capsys):
@@ -288,3 +302,20 @@ def test_arm_tuning_over_rpc_on_the_emulated_device(tmp_path):
     with torch.no_grad():
         want = model(x)
     assert relative_error(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("mutation", ["ignore_stride", "ignore_a"])
+def test_a_broken_mean_fails_the_tuned_build_check(tuned, mutation, monkeypatch):
+    """The tuned route's whole-model check (above) sees a broken mean: with the hoisted shift
+    ignoring the stride or a, the build from the database no longer matches (the model has a != 0)."""
+    from dcgraph.backends.tvm import kernels
+    from tests.backends.test_whole_models import MUTATIONS
+
+    db, _ = tuned
+    model, x = block(), example()
+    for name, make in MUTATIONS[mutation].items():
+        monkeypatch.setattr(kernels, name, make(getattr(kernels, name)))
+    compiled = tvm_compile(model, TARGET, x, database=db)
+    with torch.no_grad():
+        want = model(x)
+    assert not relative_error(compiled(x), want) < 1e-4

@@ -5,8 +5,9 @@ per-sample mean term drops out, and a fused kernel whose mean is wrong (a hoiste
 ignores the stride, an epilogue that ignores ``a``) still matches. Here every model is
 :func:`dcgraph.testing.live_mean` (``a`` drawn from [0.5, 1.5) after conversion) and the
 reference is that eager model (Deep Control as plain ops), on each route: torch and ONNX import
-on x86, the emulated ARM device, a tuned build. Then the *same* check with each kernel mutation
-applied must fail on each route: if a future kernel rewrite breaks the mean, these tests see it.
+on x86, the emulated ARM device (a tuned build: ``test_tune.py``, with its database). Then the
+*same* check with each kernel mutation applied must fail on each route: if a future kernel
+rewrite breaks the mean, these tests see it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dcgraph.backends.tvm import kernels  # noqa: E402
 from dcgraph.testing import live_mean, relative_error  # noqa: E402
 
 RTOL = 1e-4  # float32 TVM vs the float32 eager model, relative to the output's scale
-ROUTES = ("torch", "onnx", "arm", "tuned")
+ROUTES = ("torch", "onnx", "arm")  # the tuned route: tests/backends/test_tune.py (its database)
 
 
 def _zero_like(a: te.Tensor) -> te.Tensor:
@@ -66,18 +67,6 @@ def resnet():
     return model, x, want
 
 
-@pytest.fixture(scope="module")
-def tuned_db(resnet, tmp_path_factory):
-    """A database of the live model's kernels: 2 trials (the costliest kernel gets them)."""
-    from dcgraph.backends.tvm.tuning import tune
-
-    model, x, _ = resnet
-    db = tmp_path_factory.mktemp("whole") / "db"
-    report = tune(model, "x86", x, trials=2, min_trials=2, db=db, progress=False)
-    assert report.tasks and report.wrong_results == 0
-    return db
-
-
 def _compiled_output(route: str, model, x: torch.Tensor, request) -> torch.Tensor:
     """The model's output through one route."""
     if route == "onnx":
@@ -87,10 +76,6 @@ def _compiled_output(route: str, model, x: torch.Tensor, request) -> torch.Tenso
     if route == "arm":
         remote = request.getfixturevalue("arm_remote")
         return dtvm.compile(model, "arm", x).remote(remote)(x)
-    if route == "tuned":
-        compiled = dtvm.compile(model, "x86", x, database=request.getfixturevalue("tuned_db"))
-        assert any(k.schedule == "tuned" for k in compiled.kernels), compiled.summary()
-        return compiled(x)
     return dtvm.compile(model, "x86", x)(x)
 
 

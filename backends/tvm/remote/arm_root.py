@@ -264,7 +264,7 @@ exec "${{DCGRAPH_QEMU:-{qemu}}}" "$root/usr/bin/python{py}" "$@"
 """
 
 _SITECUSTOMIZE = '''\
-"""Written by dcgraph.backends.tvm.emulation: child Pythons (TVM's PopenWorker, multiprocessing
+"""Written by dcgraph.backends.tvm.remote.arm_root: child Pythons (TVM's PopenWorker, multiprocessing
 spawn) start through sys.executable, which must be the qemu launcher, not the aarch64 binary."""
 import os
 import sys
