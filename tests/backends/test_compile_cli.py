@@ -87,6 +87,8 @@ def test_bad_input_is_one_line_not_a_traceback(args, message):
     assert message in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow  # its own emulated server start + a whole compile: ~80 s (the ARM route is
+# also checked in-process by test_whole_models.py and test_tvm_arm.py)
 def test_compile_arm_verifies_on_the_emulated_board(arm_remote, tmp_path):
     """--verify runs the cross-compiled model on the emulated ARM server (its own server)."""
     out = tmp_path / "r_arm.so"
