@@ -19,11 +19,8 @@ __all__ = ["leaves", "relative_error", "worst_error"]
 
 
 def _array(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu()
-        if value.dtype.is_floating_point and value.dtype != value.double().dtype:
-            value = value.double()
-        value = value.numpy()
+    if hasattr(value, "detach"):  # a torch tensor (any float dtype: bfloat16 has no numpy twin)
+        value = value.detach().cpu().double().numpy()
     elif hasattr(value, "numpy") and not isinstance(value, np.ndarray):  # a TVM tensor
         value = value.numpy()
     return np.asarray(value, dtype=np.float64)
@@ -31,7 +28,10 @@ def _array(value: Any) -> np.ndarray:
 
 def relative_error(got: Any, want: Any) -> float:
     """``max |got - want| / max |want|`` (``inf`` for a shape mismatch, NaN or infinity)."""
-    g, w = _array(got), _array(want)
+    return _relative(_array(got), _array(want))
+
+
+def _relative(g: np.ndarray, w: np.ndarray) -> float:
     if g.shape != w.shape:
         return math.inf
     if g.size == 0:
@@ -56,9 +56,10 @@ def worst_error(got: Any, want: Any) -> tuple[float, str]:
         return math.inf, f"{len(gl)} outputs where the reference has {len(wl)}"
     worst, where = 0.0, "output 0"
     for i, (g, w) in enumerate(zip(gl, wl, strict=True)):
-        if _array(g).shape != _array(w).shape:
-            return math.inf, f"output {i} has shape {_array(g).shape}, the reference {_array(w).shape}"
-        err = relative_error(g, w)
+        g, w = _array(g), _array(w)  # once each
+        if g.shape != w.shape:
+            return math.inf, f"output {i} has shape {g.shape}, the reference {w.shape}"
+        err = _relative(g, w)
         if not err <= worst:
             worst, where = err, f"output {i}"
     return worst, where

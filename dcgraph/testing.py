@@ -109,6 +109,12 @@ DC_FORMS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+#: the activations as the torch ops models are written with (what the matchers see after tracing)
+_TORCH_ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda v: v, "relu": torch.relu, "relu6": torch.nn.functional.relu6,
+    "silu": torch.nn.functional.silu, "hardswish": torch.nn.functional.hardswish}
+
+
 class PlainDeepControl(nn.Module):
     """``act(form(conv(x)))``: a conv, then Deep Control written as plain ops in one spelling of
     :data:`DC_FORMS` (a, g, b away from their trivial values), then the activation."""
@@ -125,9 +131,7 @@ class PlainDeepControl(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
         z = DC_FORMS[self.form](y, y.mean(dim=(2, 3), keepdim=True), self.a, self.g, self.b)
-        acts = {"identity": lambda v: v, "relu": torch.relu, "relu6": torch.nn.functional.relu6,
-                "silu": torch.nn.functional.silu, "hardswish": torch.nn.functional.hardswish}
-        return acts[self.act](z)
+        return _TORCH_ACTS[self.act](z)
 
 
 def live_mean(model: nn.Module, seed: int = 0, low: float = 0.5, high: float = 1.5) -> nn.Module:

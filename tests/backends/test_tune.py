@@ -309,7 +309,7 @@ def test_a_broken_mean_fails_the_tuned_build_check(tuned, mutation, monkeypatch)
     """The tuned route's whole-model check (above) sees a broken mean: with the hoisted shift
     ignoring the stride or a, the build from the database no longer matches (the model has a != 0)."""
     from dcgraph.backends.tvm import kernels
-    from tests.backends.test_whole_models import MUTATIONS
+    from tests.backends.tvm_cases import MUTATIONS
 
     db, _ = tuned
     model, x = block(), example()

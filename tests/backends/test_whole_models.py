@@ -16,45 +16,15 @@ import pytest
 import torch
 
 tvm = pytest.importorskip("tvm")
-from tvm import te  # noqa: E402
 
 from dcgraph import zoo  # noqa: E402
 from dcgraph.backends import tvm as dtvm  # noqa: E402
 from dcgraph.backends.tvm import kernels  # noqa: E402
 from dcgraph.testing import live_mean, relative_error  # noqa: E402
+from tests.backends.tvm_cases import MUTATIONS, ignore_a_two_pass  # noqa: E402
 
 RTOL = 1e-4  # float32 TVM vs the float32 eager model, relative to the output's scale
 ROUTES = ("torch", "onnx", "arm")  # the tuned route: tests/backends/test_tune.py (its database)
-
-
-def _zero_like(a: te.Tensor) -> te.Tensor:
-    return te.compute(a.shape, lambda *i: tvm.tirx.const(0.0, a.dtype), name="a_ignored")
-
-
-def _ignore_stride(original):
-    """The hoisted shift computed as if every conv had stride 1 (its taps and count go wrong)."""
-    def shift(x, w, bias, a, g, b, *, stride, padding, dilation, groups):
-        return original(x, w, bias, a, g, b, stride=[1] * len(stride), padding=padding, dilation=dilation,
-                        groups=groups)
-    return shift
-
-
-def _ignore_a_shift(original):
-    def shift(x, w, bias, a, g, b, **conv):
-        return original(x, w, bias, _zero_like(a), g, b, **conv)
-    return shift
-
-
-def _ignore_a_two_pass(original):
-    def dc(y, a, g, b, act="identity", negative_slope=0.01):
-        return original(y, _zero_like(a), g, b, act, negative_slope)
-    return dc
-
-
-MUTATIONS = {
-    "ignore_stride": {"hoisted_shift": _ignore_stride},
-    "ignore_a": {"hoisted_shift": _ignore_a_shift, "deep_control": _ignore_a_two_pass},
-}
 
 
 @pytest.fixture(scope="module")
@@ -122,5 +92,5 @@ def test_depthwise_two_pass_model_matches_and_its_mutation_fails(monkeypatch):
     compiled = dtvm.compile(model, "x86", x)
     assert any("dc_two_pass" in k.name for k in compiled.kernels)
     assert relative_error(compiled(x), want) <= RTOL
-    monkeypatch.setattr(kernels, "deep_control", _ignore_a_two_pass(kernels.deep_control))
+    monkeypatch.setattr(kernels, "deep_control", ignore_a_two_pass(kernels.deep_control))
     assert not relative_error(dtvm.compile(model, "x86", x)(x), want) <= RTOL

@@ -31,30 +31,30 @@ from tvm.s_tir import Schedule
 from .common import SCHEDULED, conv_stages, extent, has_root, iter_kinds
 
 
-def _pick_tile(extent: int | None, choices: tuple[int, ...]) -> int:
-    if extent is None:
+def _pick_tile(size: int | None, choices: tuple[int, ...]) -> int:
+    if size is None:
         return 1
     for c in choices:
-        if extent % c == 0:
+        if size % c == 0:
             return c
     return 1
 
 
-def _width_tile(extent: int | None, lanes: int) -> int:
+def _width_tile(size: int | None, lanes: int) -> int:
     """Output columns per tile: one vector if it divides the row, else the largest divisor below.
 
     Measured on ResNet-18 shapes (AVX2): 8 channels x 8 columns (56-wide rows) or 8 x 7
     (28, 14, 7) ran 26-34 GMAC/s; 4 x 16 or 4 x 14, and any tile that does not divide the
     row (a predicated tail), ran 5-16.
     """
-    if extent is None:
+    if size is None:
         return 1
-    if extent % lanes == 0:
+    if size % lanes == 0:
         return lanes
     for c in range(lanes - 1, 1, -1):
-        if extent % c == 0:
+        if size % c == 0:
             return c
-    return extent if extent < lanes else 1
+    return size if size < lanes else 1
 
 
 def schedule_conv_cpu(sch: Schedule, lanes: int = 8) -> bool:
