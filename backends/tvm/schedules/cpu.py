@@ -202,13 +202,38 @@ def schedule_func_cpu(func: tirx.PrimFunc, lanes: int = 8) -> tirx.PrimFunc | No
     return None if name is None else sch.mod["main"].with_attr(SCHEDULED, name)
 
 
+_FEATURES: dict[str, frozenset[str]] = {}
+
+
+def cpu_features(target: tvm.target.Target) -> frozenset[str]:
+    """LLVM's CPU features for an ``llvm`` target (empty for other kinds): those of its ``mcpu`` on
+    its ``mtriple``, with its ``mattr`` applied (``-mattr=-avx512f`` removes ``avx512f``).
+
+    No ``mcpu`` means LLVM's generic CPU for the triple, not the host: TVM compiles
+    ``Target("llvm")`` for generic x86-64 (SSE2; a 16-lane loop comes out as xmm code only), so
+    its features are ``sse``/``sse2``. Use :func:`dcgraph.backends.tvm.targets.x86` for the host's CPU.
+    """
+    if not isinstance(target, tvm.target.Target):
+        target = tvm.target.Target(target)
+    if target.kind.name != "llvm":
+        return frozenset()
+    key = str(target)
+    if key not in _FEATURES:
+        _FEATURES[key] = frozenset(str(f) for f in tvm.target.codegen.llvm_get_cpu_features(target))
+    return _FEATURES[key]
+
+
 def vector_lanes(target: tvm.target.Target) -> int:
-    """float32 lanes of the target's widest vector unit (AVX-512: 16, AVX2: 8, NEON: 4)."""
-    mcpu = str(target.attrs.get("mcpu", "")) if target.kind.name == "llvm" else ""
-    triple = str(target.attrs.get("mtriple", ""))
-    if "aarch64" in triple or "arm" in triple:
-        return 4
-    if any(k in mcpu for k in ("avx512", "skylake-avx512", "cascadelake", "icelake", "sapphirerapids",
-                                "znver4", "znver5")):
+    """float32 lanes of the target's widest vector unit, from its CPU features
+    (:func:`cpu_features`): AVX-512 (``avx512f``) 16, AVX/AVX2 8, otherwise 4 (SSE, NEON, and
+    any other 128-bit unit). Not an llvm target: 8 (the schedules' long-standing default)."""
+    if not isinstance(target, tvm.target.Target):
+        target = tvm.target.Target(target)
+    if target.kind.name != "llvm":
+        return 8
+    features = cpu_features(target)
+    if "avx512f" in features:
         return 16
-    return 8
+    if "avx" in features or "avx2" in features:
+        return 8
+    return 4
