@@ -18,7 +18,7 @@ import tvm
 from . import targets as targets_
 from .database import open_database
 from .frontends import prepare
-from .pipeline import kernel_report, lower_pipeline, optimize
+from .pipeline import kernel_report, lower_pipeline, optimize, uses_blocked
 from .runtime import CompiledModel, InputSpec
 
 __all__ = ["compile", "inputs_of"]
@@ -39,7 +39,7 @@ def inputs_of(mod: tvm.IRModule) -> list[InputSpec]:
 def compile(
     model: Any, target: str | dict | tvm.target.Target | None = "x86",
     example_inputs: Any = None, *, plan: str = "auto", convert: bool = True,
-    fuse_plain: bool = True, database: Any = None, shape: dict | None = None,
+    fuse_plain: bool = True, database: Any = None, shape: dict | None = None, layout: str = "auto",
 ) -> CompiledModel:
     """Compile ``model`` for ``target`` (preset name, dict, tag or Target).
 
@@ -48,14 +48,16 @@ def compile(
     Control written as plain ops in Relax. ``plan``: the fused kernels' form
     (:class:`.lowering.LoweringOptions`). ``database``: a MetaSchedule database, or a directory:
     one written by ``dcgraph tune`` (the sub-database for ``target`` is used) or a single
-    JSON database; its records win over the default schedules.
+    JSON database; its records win over the default schedules. ``layout``: ``auto`` (the blocked
+    ``NCHW[x]c`` layout on CPU targets, :mod:`.layout`), ``blocked`` or ``nchw`` (the plain kernels).
     """
     tgt = targets_.resolve(target)
+    uses_blocked(tgt, layout)  # an unknown layout fails here, before the import
     mod = prepare(model, example_inputs, plan=plan, convert=convert, fuse_plain=fuse_plain, shape=shape)
     if isinstance(database, str | Path):
         database = open_database(database, tgt)
     inputs = inputs_of(mod)
-    mod = optimize(mod, tgt, database)
+    mod = optimize(mod, tgt, database, layout)
     kernels = kernel_report(mod)
     ex = tvm.compile(mod, target=tgt, relax_pipeline=lower_pipeline(tgt))
     return CompiledModel(ex, tgt, inputs, kernels)

@@ -35,6 +35,7 @@ from . import kernels
 
 PLANS = ("auto", "hoisted", "two_pass")
 KERNEL_ATTR = "dcgraph.kernel"  # marks the PrimFuncs dcgraph emitted (schedules and reports read it)
+CONV_ATTR = "dcgraph.conv"  # the conv's parameters on the same PrimFuncs (:mod:`.layout` re-emits them blocked)
 
 
 @dataclass(frozen=True)
@@ -85,15 +86,33 @@ def _ints(v: int | Sequence[int], nd: int, name: str) -> list[int]:
     return vals
 
 
-def choose_plan(w: relax.Expr, groups: int) -> str:
+def choose_plan(w: relax.Expr, groups: int, x: relax.Expr | None = None,
+                conv: Mapping[str, Any] | None = None) -> str:
     """``plan="auto"``: ``two_pass`` for a depthwise conv (weight ``[C_out, 1, k...]``,
-    ``groups > 1``), ``hoisted`` otherwise (see the module docstring for the measurements)."""
-    shape = getattr(w.ty, "shape", None)
+    ``groups > 1``) and for a conv whose output is small next to its weight
+    (``C_in/groups * k^2 > 2 * N * |O|``: the hoisted mean reads the whole weight once more,
+    where a second pass over an output that small runs in cache), ``hoisted`` otherwise (see
+    the module docstring for the measurements)."""
     try:
-        per_group = int(shape[1])
-    except (TypeError, IndexError, ValueError):
+        shape = [int(d) for d in w.ty.shape]
+        per_group = shape[1]
+    except (AttributeError, TypeError, IndexError, ValueError):
         return "hoisted"
-    return "two_pass" if groups > 1 and per_group == 1 else "hoisted"
+    taps = 1
+    for k in shape[2:]:
+        taps *= k
+    if groups > 1 and per_group == 1:
+        return "two_pass"
+    try:
+        xs = [int(d) for d in x.ty.shape]
+        out = kernels.output_size(xs[2:], shape[2:], conv["stride"], conv["padding"],
+                                  conv["dilation"])
+    except (AttributeError, TypeError, ValueError, KeyError):  # a symbolic size: keep one pass
+        return "hoisted"
+    pixels = xs[0]
+    for o in out:
+        pixels *= o
+    return "two_pass" if per_group * taps > 2 * pixels else "hoisted"
 
 
 def emit_conv_deep_control(
@@ -114,26 +133,31 @@ def emit_conv_deep_control(
     conv = {"stride": _ints(stride, nd, "stride"), "padding": _ints(padding, nd, "padding"),
             "dilation": _ints(dilation, nd, "dilation"), "groups": int(groups)}
     if plan == "auto":
-        plan = choose_plan(w, int(groups))
+        plan = choose_plan(w, int(groups), x, conv)
+    params = {**conv, "act": act, "negative_slope": float(negative_slope)}
+
+    def attrs(kind: str) -> dict:
+        return {KERNEL_ATTR: kind, CONV_ATTR: params}
+
     if plan == "hoisted":
         if bias is None:
             shift = bb.emit_te(lambda x_, w_, a_, g_, b_: kernels.hoisted_shift(
                 x_, w_, None, a_, g_, b_, **conv), x, w, a, g, b, primfunc_name_hint="dc_shift",
-            primfunc_attrs={KERNEL_ATTR: "dc_shift"})
+            primfunc_attrs=attrs("dc_shift"))
         else:
             shift = bb.emit_te(lambda x_, w_, c_, a_, g_, b_: kernels.hoisted_shift(
                 x_, w_, c_, a_, g_, b_, **conv), x, w, bias, a, g, b, primfunc_name_hint="dc_shift",
-            primfunc_attrs={KERNEL_ATTR: "dc_shift"})
+            primfunc_attrs=attrs("dc_shift"))
         return bb.emit_te(lambda x_, w_, g_, o_: kernels.conv_epilogue(
             x_, w_, g_, o_, act=act, negative_slope=negative_slope, **conv),
             x, w, g, shift, primfunc_name_hint="dc_conv",
-            primfunc_attrs={KERNEL_ATTR: "dc_conv"})
+            primfunc_attrs=attrs("dc_conv"))
     y = bb.emit_te(lambda x_, w_: kernels.conv_epilogue(x_, w_, None, None, **conv), x, w,
                    primfunc_name_hint="dc_conv_raw",
-            primfunc_attrs={KERNEL_ATTR: "dc_conv_raw"})
+            primfunc_attrs=attrs("dc_conv_raw"))
     if bias is not None:  # DC of y + c0 is DC of y with b' = b + g * c0 * (1 - a)
         one = relax.const(1.0, x.ty.dtype)
         b = bb.emit(relax.op.add(b, relax.op.multiply(g, relax.op.multiply(bias, relax.op.subtract(one, a)))))
     return bb.emit_te(lambda y_, a_, g_, b_: kernels.deep_control(y_, a_, g_, b_, act, negative_slope),
                       y, a, g, b, primfunc_name_hint="dc_two_pass",
-            primfunc_attrs={KERNEL_ATTR: "dc_two_pass"})
+            primfunc_attrs=attrs("dc_two_pass"))

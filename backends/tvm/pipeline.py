@@ -15,17 +15,32 @@ from tvm import relax, tirx
 from tvm.relax.backend.cpu_generic import pipeline as cpu_backend
 from tvm.relax.backend.cuda import pipeline as cuda_backend
 
+from .layout import block_layout
 from .lowering import kernel_origin
-from .schedules import SCHEDULED, DefaultSchedule, is_tuned
+from .schedules import SCHEDULED, DefaultSchedule, is_tuned, vector_lanes
+from .targets import is_gpu
 
 
 def _backend(target: tvm.target.Target):
     return cuda_backend if target.kind.name == "cuda" else cpu_backend
 
 
-def fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+LAYOUTS = ("auto", "blocked", "nchw")
+
+
+def uses_blocked(target: tvm.target.Target, layout: str = "auto") -> bool:
+    """Whether ``layout`` means the blocked layout on ``target`` (``auto``: every CPU target)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    return layout != "nchw" and not is_gpu(target)
+
+
+def fuse(mod: tvm.IRModule, target: tvm.target.Target, layout: str = "auto") -> tvm.IRModule:
     """Legalize and fuse ``mod``: its PrimFuncs are then the kernels that get tuned or scheduled
-    (what :mod:`.tuning` extracts as tasks, and what :func:`optimize` schedules)."""
+    (what :mod:`.tuning` extracts as tasks, and what :func:`optimize` schedules). ``layout``:
+    ``auto`` (blocked ``NCHW[x]c`` on CPU targets, :mod:`.layout`), ``blocked`` or ``nchw``."""
+    if uses_blocked(target, layout):
+        mod = block_layout(mod, vector_lanes(target))
     passes = [
         *_backend(target).library_dispatch_passes(target),
         relax.transform.LegalizeOps(),
@@ -38,9 +53,10 @@ def fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         return tvm.transform.Sequential(passes)(mod)
 
 
-def optimize(mod: tvm.IRModule, target: tvm.target.Target, database=None) -> tvm.IRModule:
+def optimize(mod: tvm.IRModule, target: tvm.target.Target, database=None, layout: str = "auto"
+             ) -> tvm.IRModule:
     """Legalize, fuse and schedule ``mod`` (``database``: MetaSchedule records to apply first)."""
-    mod = fuse(mod, target)
+    mod = fuse(mod, target, layout)
     with target:
         if database is not None:
             with database:
@@ -61,12 +77,12 @@ def lower_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return _lower
 
 
-def relax_pipeline(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
+def relax_pipeline(target: tvm.target.Target, database=None, layout: str = "auto") -> tvm.transform.Pass:
     """The whole pipeline as one pass, for ``tvm.compile(mod, target, relax_pipeline=...)``."""
 
     @tvm.transform.module_pass(opt_level=0, name="dcgraph.Pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return lower_pipeline(target)(optimize(mod, target, database))
+        return lower_pipeline(target)(optimize(mod, target, database, layout))
 
     return _pipeline
 

@@ -55,9 +55,9 @@ def traced_default(mod: tvm.IRModule, target: tvm.target.Target) -> Schedule:
     """What ``compile`` gives a CPU kernel (``{"main": PrimFunc}``) without a record, as a traced
     schedule for a tuning database; an unscheduled one where no rule applies (with one no-op step:
     a database ignores records with an empty trace)."""
-    sch = Schedule(mod)
-    if apply_cpu_rules(sch, vector_lanes(target)) is not None:
-        return sch
+    found = apply_cpu_rules(mod, vector_lanes(target))
+    if found is not None:
+        return found[1]
     sch = Schedule(mod)
     sch.get_sblock("root")
     return sch

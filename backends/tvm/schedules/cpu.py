@@ -29,6 +29,14 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 
 from .common import SCHEDULED, conv_stages, extent, has_root, iter_kinds
+from .cpu_blocked import (
+    schedule_blocked_conv,
+    schedule_blocked_depthwise,
+    schedule_blocked_shift,
+    schedule_channel_reduction,
+    schedule_injective,
+    schedule_matmul,
+)
 
 
 def _pick_tile(size: int | None, choices: tuple[int, ...]) -> int:
@@ -181,25 +189,36 @@ def schedule_parallel_cpu(sch: Schedule, lanes: int = 8) -> bool:
 #: The CPU rules in the order they are tried; the first that applies names the schedule
 #: (``dcgraph.schedule`` = the rule's name). ``compile`` and ``tune`` both go through this list.
 CPU_RULES: tuple[tuple[str, Callable[[Schedule, int], bool]], ...] = (
+    ("blocked_conv", schedule_blocked_conv),
+    ("blocked_depthwise", schedule_blocked_depthwise),
+    ("blocked_shift", schedule_blocked_shift),
     ("conv", schedule_conv_cpu),
     ("two_pass", schedule_two_pass_cpu),
+    ("channel_reduction", schedule_channel_reduction),
+    ("matmul", schedule_matmul),
+    ("injective", schedule_injective),
     ("parallel", schedule_parallel_cpu),
 )
 
 
-def apply_cpu_rules(sch: Schedule, lanes: int = 8) -> str | None:
-    """Apply the first rule of :data:`CPU_RULES` that takes the PrimFunc in ``sch``; its name, or None."""
+def apply_cpu_rules(mod: tvm.IRModule | tirx.PrimFunc, lanes: int = 8) -> tuple[str, Schedule] | None:
+    """The first rule of :data:`CPU_RULES` that takes the PrimFunc: ``(its name, the schedule)``, or
+    None. Each rule works on a fresh schedule, so a rule that gives up half-way (returns False,
+    or a schedule primitive refuses) leaves nothing behind for the next one."""
     for name, rule in CPU_RULES:
-        if rule(sch, lanes):
-            return name
+        sch = Schedule(mod)
+        try:
+            if rule(sch, lanes):
+                return name, sch
+        except tvm.s_tir.schedule.ScheduleError:
+            continue
     return None
 
 
 def schedule_func_cpu(func: tirx.PrimFunc, lanes: int = 8) -> tirx.PrimFunc | None:
     """The default CPU schedule for one PrimFunc, or None if no rule applies."""
-    sch = Schedule(func)
-    name = apply_cpu_rules(sch, lanes)
-    return None if name is None else sch.mod["main"].with_attr(SCHEDULED, name)
+    found = apply_cpu_rules(func, lanes)
+    return None if found is None else found[1].mod["main"].with_attr(SCHEDULED, found[0])
 
 
 _FEATURES: dict[str, frozenset[str]] = {}

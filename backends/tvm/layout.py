@@ -1,0 +1,250 @@
+"""The blocked layout through the whole graph: ``NCHW -> NCHW[x]c`` for CPU targets.
+
+:func:`block_layout` rewrites a Relax module (after import, before TVM's legalization) so that
+dcgraph's 2-d conv + Deep Control kernels run on blocked tensors (:mod:`.kernels_blocked`;
+``x`` = :func:`.kernels_blocked.channel_block` of the channel count for the target's SIMD
+width), and so do the operators between them that do not care about the layout: elementwise
+ops (a residual add, relu, clip, sigmoid, a Squeeze-Excitation scale), max/avg pooling, the
+global mean, a channel concat. Each rewritten value keeps its ``NCHW`` form as a
+``from_blocked`` binding for any consumer that needs it; the ones nobody reads are removed
+(dead code), so layout changes are left only at the graph's edges and in front of operators
+that need ``NCHW`` (a reshape, a matmul, a conv without Deep Control). Weights are packed
+once here, as constants (never per call).
+
+One forward walk in program order; a value's blocked form is remembered, so a tensor is
+blocked at most once however many convs read it. Convs this does not cover (1-d/3-d, grouped
+but not depthwise, symbolic sizes) keep their ``NCHW`` kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax, te
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from . import kernels_blocked as kb
+from .lowering import CONV_ATTR, KERNEL_ATTR
+
+__all__ = ["block_layout", "blocked_kernels"]
+
+LAYOUT_ATTR = "dcgraph.layout"
+_UNARY = {"relax.nn.relu", "relax.clip", "relax.sigmoid", "relax.nn.silu", "relax.tanh", "relax.nn.leakyrelu",
+          "relax.nn.gelu", "relax.exp"}
+_BINARY = {"relax.add", "relax.multiply", "relax.subtract", "relax.divide", "relax.maximum", "relax.minimum"}
+_POOL = {"relax.nn.max_pool2d", "relax.nn.avg_pool2d"}
+
+
+def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
+    shape = getattr(getattr(expr, "ty", None), "shape", None)
+    if shape is None:
+        return None
+    try:
+        return tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        return None
+
+
+def _const(expr: relax.Expr) -> np.ndarray | None:
+    value = getattr(expr, "value", None) if isinstance(expr, tvm.ir.Constant) else None
+    return value.numpy() if hasattr(value, "numpy") else None
+
+
+def _conv_params(attrs: Any) -> dict[str, Any]:
+    conv = attrs[CONV_ATTR]
+    return {"stride": [int(v) for v in conv["stride"]], "padding": [int(v) for v in conv["padding"]],
+            "dilation": [int(v) for v in conv["dilation"]], "groups": int(conv["groups"]),
+            "act": str(conv["act"]), "negative_slope": float(conv["negative_slope"])}
+
+
+@mutator
+class _Blocker(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, lanes: int) -> None:
+        super().__init__(mod)
+        self.mod_ = mod
+        self.lanes = lanes
+        self.blocked: dict[relax.Var, relax.Var] = {}  # NCHW var (new program) -> its blocked twin
+        self.count = 0
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _emit(self, fn, *args: relax.Expr, name: str, kind: str | None = None, **kw: Any) -> relax.Var:
+        attrs = {LAYOUT_ATTR: "blocked"}
+        if kind:
+            attrs[KERNEL_ATTR] = kind
+        return self.builder_.emit_te(lambda *a: fn(*a, **kw), *args, primfunc_name_hint=name,
+                                     primfunc_attrs=attrs)
+
+    def _block(self, x: relax.Expr) -> relax.Var:
+        """The blocked form of NCHW ``x`` (made once)."""
+        if x in self.blocked:
+            return self.blocked[x]
+        cb = kb.channel_block(_static_shape(x)[1], self.lanes)
+        xb = self._emit(kb.to_blocked, x, name="to_blocked", cb=cb)
+        if isinstance(x, relax.Var):
+            self.blocked[x] = xb
+        return xb
+
+    def _unblock(self, xb: relax.Var) -> relax.Var:
+        """Emit the NCHW form of blocked ``xb`` (dead code removes it when nobody reads it)."""
+        out = self._emit(kb.from_blocked, xb, name="from_blocked")
+        self.blocked[out] = xb
+        return out
+
+    def _weight(self, w: relax.Expr, pack, *cbs: int) -> relax.Expr:
+        data = _const(w)
+        if data is not None:
+            return relax.const(pack(data, *cbs), str(data.dtype))
+        shape = _static_shape(w)
+
+        def te_pack(wt: te.Tensor) -> te.Tensor:  # a weight fed at run time: packed by a kernel
+            if pack is kb.pack_mean_weight:
+                cb = cbs[0]
+                return te.compute((shape[0] // cb, shape[1], shape[2], shape[3], cb),
+                                  lambda o, i, r, s, j: wt[o * cb + j, i, r, s], name="pack")
+            if pack is kb.pack_depthwise:
+                cb = cbs[0]
+                return te.compute((shape[0] // cb, shape[2], shape[3], cb),
+                                  lambda k, r, s, j: wt[k * cb + j, 0, r, s], name="pack")
+            cbi, cbo = cbs
+            return te.compute((shape[0] // cbo, shape[1] // cbi, shape[2], shape[3], cbi, cbo),
+                              lambda o, i, r, s, ii, oo: wt[o * cbo + oo, i * cbi + ii, r, s], name="pack")
+
+        return self._emit(te_pack, w, name="pack_weight")
+
+    # -- the walk ----------------------------------------------------------------------------
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        value = binding.value
+        new = None
+        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+            args = [self.visit_expr(a) for a in value.args]
+            name = value.op.name
+            if name == "relax.call_tir":
+                new = self._dc_kernel(value, args)
+            else:
+                new = self._op(value, name, args)
+        if new is None:
+            super().visit_var_binding_(binding)
+            return
+        self.count += 1
+        self.set_var_remap(binding.var, new)
+
+    def _dc_kernel(self, call: relax.Call, args: list[relax.Expr]) -> relax.Var | None:
+        func = self.mod_[args[0]] if isinstance(args[0], relax.GlobalVar) else None
+        attrs = getattr(func, "attrs", None) or {}
+        if KERNEL_ATTR not in attrs or CONV_ATTR not in attrs:
+            return None
+        kind = str(attrs[KERNEL_ATTR])
+        ins = list(args[1].fields)
+        p = _conv_params(attrs)
+        if kind == "dc_two_pass":
+            y = ins[0]
+            if y not in self.blocked:
+                return None
+            out = self._emit(kb.deep_control, self.blocked[y], *ins[1:], name="dc_two_pass", kind=kind,
+                             act=p["act"], negative_slope=p["negative_slope"])
+            return self._unblock(out)
+        x, w = ins[0], ins[1]
+        xs, ws = _static_shape(x), _static_shape(w)
+        if xs is None or ws is None or len(xs) != 4:
+            return None
+        depthwise = p["groups"] > 1 and ws[1] == 1 and ws[0] == xs[1] == p["groups"]
+        if p["groups"] != 1 and not depthwise:
+            return None
+        conv = {k: p[k] for k in ("stride", "padding", "dilation")}
+        xb = self._block(x)
+        cbi = kb.channel_block(xs[1], self.lanes)
+        cbo = kb.channel_block(ws[0], self.lanes)
+        if kind == "dc_shift":
+            wm = self._weight(w, kb.pack_mean_weight, cbo)
+            if len(ins) == 5:  # (x, w, a, g, b): no conv bias
+                return self._emit(lambda x_, w_, a_, g_, b_, **kw: kb.hoisted_shift(x_, w_, None, a_, g_, b_, **kw),
+                                  xb, wm, *ins[2:], name="dc_shift", kind=kind, groups=p["groups"], **conv)
+            return self._emit(kb.hoisted_shift, xb, wm, *ins[2:], name="dc_shift", kind=kind, groups=p["groups"],
+                              **conv)
+        if depthwise:
+            wp = self._weight(w, kb.pack_depthwise, cbo)
+            fn = kb.depthwise
+        else:
+            wp = self._weight(w, kb.pack_weight, cbi, cbo)
+            fn = kb.conv
+        epi = {"act": p["act"], "negative_slope": p["negative_slope"]}
+        if kind == "dc_conv":
+            out = self._emit(lambda x_, w_, g_, o_, **kw: fn(x_, w_, g_, o_, **kw), xb, wp, ins[2], ins[3],
+                             name="dc_conv", kind=kind, **conv, **epi)
+        elif kind == "dc_conv_raw":
+            out = self._emit(lambda x_, w_, **kw: fn(x_, w_, None, None, **kw), xb, wp, name="dc_conv_raw",
+                             kind=kind, **conv)
+        else:
+            return None
+        return self._unblock(out)
+
+    def _op(self, call: relax.Call, name: str, args: list[relax.Expr]) -> relax.Var | None:
+        """A layout-agnostic op on blocked inputs, done blocked; None where it stays NCHW."""
+        tensors = [a for a in args if _static_shape(a) is not None and len(_static_shape(a)) > 0]
+        if not tensors or not any(a in self.blocked for a in tensors):
+            return None
+        big = _static_shape(next(a for a in tensors if a in self.blocked))
+        op = relax.op
+        if name in _UNARY:
+            new_args = [self.blocked.get(a, a) for a in args]
+            return self._unblock(self.builder_.emit(relax.Call(call.op, new_args, call.attrs, call.ty_args)))
+        if name in _BINARY:
+            new_args = []
+            for a in args:
+                s = _static_shape(a)
+                if s is None or len(s) == 0:
+                    new_args.append(a)
+                elif len(s) == 4 and s[1] == big[1] and all(d in (1, b) for d, b in zip(s, big, strict=True)):
+                    new_args.append(self._block(a))
+                else:
+                    return None
+            return self._unblock(self.builder_.emit(relax.Call(call.op, new_args, call.attrs, call.ty_args)))
+        x = args[0]
+        if x not in self.blocked:
+            return None
+        xb = self.blocked[x]
+        cb = int(_static_shape(xb)[-1])
+        if name in _POOL and str(call.attrs.layout) == "NCHW":
+            a = call.attrs
+            fn = op.nn.max_pool2d if name == "relax.nn.max_pool2d" else op.nn.avg_pool2d
+            kw = {"count_include_pad": bool(a.count_include_pad)} if name == "relax.nn.avg_pool2d" else {}
+            out = self.builder_.emit(fn(xb, pool_size=a.pool_size, strides=a.strides, padding=a.padding,
+                                        dilation=a.dilation, ceil_mode=bool(a.ceil_mode),
+                                        layout=f"NCHW{cb}c", out_layout=f"NCHW{cb}c", **kw))
+            return self._unblock(out)
+        if name == "relax.mean" and call.attrs.axis is not None:
+            axes = sorted(int(v) % 4 for v in call.attrs.axis)
+            if axes != [2, 3]:
+                return None
+            if bool(call.attrs.keepdims):
+                return self._unblock(self.builder_.emit(op.mean(xb, axis=[2, 3], keepdims=True)))
+            m = self.builder_.emit(op.mean(xb, axis=[2, 3]))  # (N, C/cb, cb): c = k*cb + j
+            return self.builder_.emit(op.reshape(m, [big[0], big[1]]))
+        return None
+
+
+def block_layout(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
+    """``mod`` with dcgraph's 2-d conv kernels and the layout-agnostic ops around them in
+    ``NCHW[x]c`` (see the module docstring); ``lanes``: the target's float32 SIMD width."""
+    if lanes <= 1:
+        return mod
+    updates = {}
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            blocker = _Blocker(mod, lanes)
+            new = blocker.visit_expr(func)
+            if blocker.count:
+                updates[gv] = new
+            mod = blocker.builder_.get()
+    for gv, func in updates.items():
+        mod[gv] = func
+    return relax.transform.DeadCodeElimination()(mod)
+
+
+def blocked_kernels(mod: tvm.IRModule) -> list[str]:
+    """Names of the PrimFuncs :func:`block_layout` emitted (before fusion)."""
+    return sorted(gv.name_hint for gv, f in mod.functions_items()
+                  if isinstance(f, tvm.tirx.PrimFunc) and LAYOUT_ATTR in (f.attrs or {}))
+

@@ -1,0 +1,300 @@
+"""Default CPU schedules for the blocked-layout kernels (:mod:`..kernels_blocked`).
+
+The dense conv (:func:`schedule_blocked_conv`) is a register-blocked micro-kernel: the
+accumulator tile is ``reg_n`` output columns x ``oc_tile`` channel blocks, each block one
+vector (the channel block is the SIMD width), held in registers; around it the reduction in
+the order ``ic_chunk, kh, ic_block, kw (unrolled)``, so every FMA is a broadcast input scalar
+times a packed weight vector and LLVM shares the broadcasts of neighbouring taps. The Deep
+Control epilogue (scale, per-sample shift, activation, a fused residual add) is applied to the
+tile before it is stored. ``(n, oc_chunk, oh)`` run in parallel.
+
+Tile sizes (measured on a 2-core AVX-512 Xeon, ResNet-18's 3x3 shapes): ``reg_n x oc_tile``
+of 7-16 vector accumulators ran best, ``oc_tile = 2`` blocks on most shapes; 28 accumulators
+with ``kw`` unrolled spilled and ran 1.7-1.9x slower. With 16 vector registers (AVX2) the
+tile is kept at about half that.
+
+:func:`schedule_blocked_depthwise` vectorises the depthwise conv over the channel block,
+:func:`schedule_blocked_two_pass` the two-pass kernel, :func:`schedule_blocked_shift` the
+hoisted shift's box sums and its small product.
+"""
+
+from __future__ import annotations
+
+from tvm.s_tir import Schedule
+
+from .common import conv_stages, extent, has_root, iter_kinds
+
+
+def max_accumulators(lanes: int) -> int:
+    """Vector accumulators a tile may hold: 16 of AVX-512's 32 registers, 8 of AVX2's 16;
+    NEON (4 lanes, 32 registers) 16."""
+    return 8 if lanes == 8 else 16
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    for d in range(min(n, limit), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def conv_tile(wo: int, oc_chunks: int, cb: int, lanes: int) -> tuple[int, int]:
+    """``(reg_n, oc_tile)``: output columns and channel blocks per register tile."""
+    vecs = max(1, cb // lanes) if cb >= lanes else 1
+    budget = max_accumulators(lanes)
+    oc_tile = 2 if oc_chunks % 2 == 0 and 2 * vecs * 4 <= budget else 1
+    reg_n = _largest_divisor(wo, budget // (oc_tile * vecs))
+    if reg_n < 4 and oc_tile == 2:  # a narrow row: spend the registers on columns instead
+        oc_tile = 1
+        reg_n = _largest_divisor(wo, budget // vecs)
+    return reg_n, oc_tile
+
+
+def _blocked_conv_stages(sch: Schedule):
+    """``(conv, producers, consumers)`` if the PrimFunc is a blocked conv (5-d output), else None."""
+    if not has_root(sch):
+        return None
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    conv = next((b for b in blocks if sch.get(b).name_hint == "conv"
+                 and len(sch.get(b).writes[0].region) == 5), None)
+    if conv is None:
+        return None
+    return conv_stages(sch)
+
+
+def _schedule_pad(sch: Schedule, block, lanes: int) -> None:
+    loops = sch.get_loops(block)
+    sch.parallel(sch.fuse(*loops[:3]))
+    if (extent(sch, loops[-1]) or 0) >= 4:
+        sch.vectorize(loops[-1])
+
+
+def schedule_blocked_conv(sch: Schedule, lanes: int = 16) -> bool:
+    """The register-blocked dense conv (see the module docstring); False if not a blocked conv."""
+    stages = _blocked_conv_stages(sch)
+    if stages is None:
+        return False
+    conv, producers, consumers = stages
+    kinds = iter_kinds(sch, conv)
+    if kinds.count(2) != 4:
+        return False
+    out = consumers[-1] if consumers else sch.cache_write(conv, 0, "local")
+    n, ko, oh, ow, co, rk, rh, rw, rc = sch.get_loops(conv)
+    wo, kos, cb = extent(sch, ow), extent(sch, ko), extent(sch, co)
+    reg_n, oc_tile = conv_tile(wo, kos, cb, lanes)
+    koo, koi = sch.split(ko, [None, oc_tile])
+    owo, owi = sch.split(ow, [None, reg_n])
+    sch.reorder(n, koo, oh, owo, rk, rh, rc, rw, koi, owi, co)
+    sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
+    if consumers:
+        sch.set_scope(conv, 0, "local")
+    sch.parallel(sch.fuse(n, koo, oh))
+    sch.unroll(rw)
+    sch.unroll(koi)
+    sch.unroll(owi)
+    sch.vectorize(co)
+    init = sch.decompose_reduction(conv, rk)
+    sch.vectorize(sch.get_loops(init)[-1])
+    oloops = sch.get_loops(out)
+    sch.vectorize(oloops[-1])
+    for block in producers:
+        _schedule_pad(sch, block, lanes)
+    return True
+
+
+def schedule_blocked_depthwise(sch: Schedule, lanes: int = 16) -> bool:
+    """Depthwise blocked conv: ``(n, c_chunk, oh)`` parallel, ``reg_n`` columns unrolled, the
+    channel block vectorised, the taps around them; epilogue (if any) on the tile."""
+    stages = _blocked_conv_stages(sch)
+    if stages is None:
+        return False
+    conv, producers, consumers = stages
+    if iter_kinds(sch, conv).count(2) != 2:
+        return False
+    out = consumers[-1] if consumers else sch.cache_write(conv, 0, "local")
+    n, k, oh, ow, c, rh, rw = sch.get_loops(conv)
+    reg_n = _largest_divisor(extent(sch, ow), 8)
+    owo, owi = sch.split(ow, [None, reg_n])
+    sch.reorder(n, k, oh, owo, rh, rw, owi, c)
+    sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
+    if consumers:
+        sch.set_scope(conv, 0, "local")
+    sch.parallel(sch.fuse(n, k, oh))
+    sch.unroll(rh)
+    sch.unroll(rw)
+    sch.unroll(owi)
+    sch.vectorize(c)
+    init = sch.decompose_reduction(conv, rh)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(out)[-1])
+    for block in producers:
+        _schedule_pad(sch, block, lanes)
+    return True
+
+
+def channel_block(channels: int, lanes: int) -> int:
+    """The largest of ``lanes, lanes/2, ..., 1`` dividing ``channels`` (as :mod:`..kernels_blocked`)."""
+    cb = lanes
+    while cb > 1 and channels % cb:
+        cb //= 2
+    return cb
+
+
+def _names(sch: Schedule) -> list[str]:
+    return [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))] if has_root(sch) else []
+
+
+def _vector_split(sch: Schedule, loop, lanes: int):
+    """Split ``loop`` into ``(outer, a vector of lanes)``; None if its extent does not divide."""
+    ext = extent(sch, loop)
+    if ext is None or ext % lanes:
+        return None
+    return sch.split(loop, [None, lanes])
+
+
+def schedule_blocked_shift(sch: Schedule, lanes: int = 16) -> bool:
+    """The blocked hoisted shift: each tap box sum with the channel block innermost (vectorised)
+    and the reduction around it; the small product ``m = W . T`` vectorised over output channels
+    (the weight is packed ``IHWO``), its accumulator in registers."""
+    names = _names(sch)
+    if "hoisted_mean" not in names or not any(n.startswith("tap_sum") for n in names):
+        return False
+    for name in names:
+        if not name.startswith("tap_sum"):
+            continue
+        block = sch.get_sblock(name)
+        loops = sch.get_loops(block)
+        if len(loops) != 6:  # (n, k, a, b, c) + the reduction: only the 5-d blocked sums
+            return False
+        n, k, a_, b_, c, r = loops
+        sch.reorder(n, k, a_, b_, r, c)
+        sch.parallel(sch.fuse(n, k))
+        if (extent(sch, c) or 0) >= 4:
+            sch.vectorize(c)
+    block = sch.get_sblock("hoisted_mean")
+    n, c, rc, r0, r1 = sch.get_loops(block)
+    vec = _vector_split(sch, c, channel_block(extent(sch, c) or 1, lanes))
+    if vec is not None:
+        co, ci = vec
+        sch.reorder(n, co, rc, r0, r1, ci)
+        acc = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(acc, co, preserve_unit_loops=True)
+        sch.vectorize(ci)
+        sch.vectorize(sch.get_loops(acc)[-1])
+        sch.parallel(sch.fuse(n, co))
+        init = sch.decompose_reduction(block, rc)
+        sch.vectorize(sch.get_loops(init)[-1])
+    shift = sch.get_sblock("shift")
+    sloops = sch.get_loops(shift)
+    vec = _vector_split(sch, sloops[-1], lanes)
+    if vec is not None:
+        sch.vectorize(vec[1])
+    return True
+
+
+def _spatial_only(sch: Schedule, block) -> bool:
+    return all(k == 0 for k in iter_kinds(sch, block))
+
+
+def schedule_injective(sch: Schedule, lanes: int = 16) -> bool:
+    """Every block elementwise or a layout change (``to_blocked``, a residual add, relu, a
+    Squeeze-Excitation scale): all but the last inlined, its outer loops fused and parallel,
+    its innermost loop vectorised when it is a channel block or a multiple of the lanes."""
+    if not has_root(sch):
+        return False
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    if not blocks or not all(_spatial_only(sch, b) for b in blocks):
+        return False
+    for block in blocks[:-1]:
+        try:
+            sch.compute_inline(block)
+        except Exception:  # noqa: BLE001 - a block TVM cannot inline stays a stage of its own
+            return False
+    last = blocks[-1]
+    loops = sch.get_loops(last)
+    if not loops:
+        return False
+    inner = loops[-1]
+    ext = extent(sch, inner)
+    outer = loops[:-1]
+    if ext is not None and ext > 4 * lanes and ext % lanes == 0:
+        o, inner = sch.split(inner, [None, lanes])
+        outer = [*outer, o]
+        ext = lanes
+    if outer:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    if ext is not None and 4 <= ext <= 4 * lanes:
+        sch.vectorize(inner)
+    return True
+
+
+def schedule_channel_reduction(sch: Schedule, lanes: int = 16) -> bool:
+    """A reduction whose innermost spatial loop is the channel block (blocked pooling, the
+    blocked global mean, the two-pass map sum): the reduction loops moved outside that loop,
+    which is vectorised; the outer spatial loops parallel; producers (padding) inlined and
+    elementwise consumers computed per tile."""
+    if not has_root(sch):
+        return False
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    red = [b for b in blocks if 2 in iter_kinds(sch, b)]
+    if len(red) != 1:
+        return False
+    block = red[0]
+    kinds = iter_kinds(sch, block)
+    loops = sch.get_loops(block)
+    if len(loops) != len(kinds) or kinds[-1] != 2:
+        return False
+    spatial = [lp for lp, k in zip(loops, kinds, strict=True) if k == 0]
+    reduce_ = [lp for lp, k in zip(loops, kinds, strict=True) if k == 2]
+    if len(spatial) < 3 or (extent(sch, spatial[-1]) or 0) not in (4, 8, 16, 32, 64):
+        return False
+    idx = blocks.index(block)
+    for b in blocks[:idx]:
+        if _spatial_only(sch, b):
+            sch.compute_inline(b)
+    for b in blocks[idx + 1:-1]:
+        sch.compute_inline(b)
+    sch.reorder(*spatial[:-1], *reduce_, spatial[-1])
+    outer = spatial[:-1]
+    n_par = max(1, len(outer) - 2) if len(outer) > 2 else len(outer)
+    consumers = blocks[idx + 1:][-1:]
+    if consumers:
+        acc = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(acc, outer[-1], preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(acc)[-1])
+    sch.vectorize(spatial[-1])
+    par = sch.fuse(*outer[:n_par]) if n_par > 1 else outer[0]
+    sch.parallel(par)
+    return True
+
+
+def schedule_matmul(sch: Schedule, lanes: int = 16) -> bool:
+    """A dense / matmul block ``(i, j, k)`` (the classifier): ``j`` in vectors of ``lanes``
+    accumulated in registers over ``k``, ``(i, j_outer)`` parallel, a bias add on the tile."""
+    if not has_root(sch):
+        return False
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    mm = [b for b in blocks if iter_kinds(sch, b) == [0, 0, 2]]
+    if len(mm) != 1 or blocks.index(mm[0]) != 0:
+        return False
+    block = mm[0]
+    if any(not _spatial_only(sch, b) for b in blocks[1:]):
+        return False
+    for b in blocks[1:-1]:
+        sch.compute_inline(b)
+    i, j, k = sch.get_loops(block)
+    width = _largest_divisor(extent(sch, j) or 1, lanes)
+    if width < 2:
+        return False
+    jo, ji = sch.split(j, [None, width])
+    sch.reorder(i, jo, k, ji)
+    out = blocks[-1] if len(blocks) > 1 else sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(out, jo, preserve_unit_loops=True)
+    if len(blocks) > 1:
+        sch.set_scope(block, 0, "local")
+    sch.vectorize(ji)
+    init = sch.decompose_reduction(block, k)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(out)[-1])
+    sch.parallel(sch.fuse(i, jo))
+    return True
