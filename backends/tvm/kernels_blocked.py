@@ -16,7 +16,7 @@ compile time, as ``OIHW[x]i[y]o``: :func:`pack_weight`), and writes the Deep Con
 - :func:`to_blocked` / :func:`from_blocked` are the layout changes at the graph's edges
   (:mod:`.layout` places them).
 
-Block names (``pad``, ``conv``, ``epilogue``, ``map_sum``) are what :mod:`.schedules.cpu_blocked`
+Block names (``pad``, ``blocked_conv``, ``epilogue``, ``map_sum``) are what :mod:`.schedules.cpu_blocked`
 looks for. Strided convs need no phase split here: the input is read as broadcast scalars.
 """
 
@@ -117,14 +117,16 @@ def conv(xb: te.Tensor, wp: te.Tensor, scale: te.Tensor | None, shift: te.Tensor
         (n, ko, ho, wo, cbo),
         lambda i, k, y, z, j: te.sum(xp[i, rk, y * sh + rh * dh, z * sw + rw * dw, rc] * wp[k, rk, rh, rw, rc, j],
                                      axis=[rk, rh, rw, rc]),
-        name="conv")
+        name="blocked_conv")
     return _epilogue(acc, scale, shift, act, negative_slope)
 
 
-def depthwise(xb: te.Tensor, wp: te.Tensor, *, stride: Sequence[int], padding: Sequence[int],
-              dilation: Sequence[int]) -> te.Tensor:
-    """Blocked depthwise conv ``y[n, k, y, z, j] = sum_{r, s} x[n, c, ...] * W[c, 0, r, s]``, vectorised
-    over the channel block; ``wp`` packed by :func:`pack_depthwise`."""
+def depthwise(xb: te.Tensor, wp: te.Tensor, scale: te.Tensor | None, shift: te.Tensor | None, *,
+              stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], act: str = "identity",
+              negative_slope: float = 0.01) -> te.Tensor:
+    """Blocked depthwise conv ``y[n, k, y, z, j] = sum_{r, s} x[n, c, ...] * W[c, 0, r, s]`` (``c = k*cb + j``)
+    with the epilogue of :func:`conv`, vectorised over the channel block; ``wp`` packed by
+    :func:`pack_depthwise`."""
     n, _, h, w, _ = xb.shape
     k_, kh, kw, cb = (int(d) for d in wp.shape)
     ho, wo = output_size([int(h), int(w)], [kh, kw], stride, padding, dilation)
@@ -132,11 +134,12 @@ def depthwise(xb: te.Tensor, wp: te.Tensor, *, stride: Sequence[int], padding: S
     rh = te.reduce_axis((0, kh), name="rh")
     rw = te.reduce_axis((0, kw), name="rw")
     (sh, sw), (dh, dw) = stride, dilation
-    return te.compute(
+    acc = te.compute(
         (n, k_, ho, wo, cb),
         lambda i, k, y, z, j: te.sum(xp[i, k, y * sh + rh * dh, z * sw + rw * dw, j] * wp[k, rh, rw, j],
                                      axis=[rh, rw]),
-        name="conv")
+        name="blocked_conv")
+    return _epilogue(acc, scale, shift, act, negative_slope)
 
 
 def pack_mean_weight(w: np.ndarray, cbo: int) -> np.ndarray:
@@ -168,7 +171,7 @@ def hoisted_shift(xb: te.Tensor, wm: te.Tensor, bias: te.Tensor | None, a: te.Te
         ci = rc if groups == 1 else (c // cog) * cig + rc
         return te.sum(wm[c // cbo, rc, rh, rw, c % cbo] * t[i, ci // cbi, rh, rw, ci % cbi], axis=[rc, rh, rw])
 
-    m = te.compute((n, c_out), mean_value, name="hoisted_mean")
+    m = te.compute((n, c_out), mean_value, name="blocked_mean")
     inv = tirx.const(1.0 / (out[0] * out[1]), xb.dtype)
 
     def value(i, c):

@@ -308,13 +308,11 @@ def test_arm_tuning_over_rpc_on_the_emulated_device(tmp_path):
 def test_a_broken_mean_fails_the_tuned_build_check(tuned, mutation, monkeypatch):
     """The tuned route's whole-model check (above) sees a broken mean: with the hoisted shift
     ignoring the stride or a, the build from the database no longer matches (the model has a != 0)."""
-    from dcgraph.backends.tvm import kernels
-    from tests.backends.tvm_cases import MUTATIONS
+    from tests.backends.tvm_cases import apply_mutation
 
     db, _ = tuned
     model, x = block(), example()
-    for name, make in MUTATIONS[mutation].items():
-        monkeypatch.setattr(kernels, name, make(getattr(kernels, name)))
+    apply_mutation(monkeypatch, mutation)
     compiled = tvm_compile(model, TARGET, x, database=db)
     with torch.no_grad():
         want = model(x)

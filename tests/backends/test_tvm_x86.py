@@ -17,14 +17,15 @@ TARGET = targets.resolve("x86")
 CASES_B = batch_cases()
 
 
-def run(mod: tvm.IRModule, inputs: list[np.ndarray]) -> np.ndarray:
-    ex = tvm.compile(mod, target=TARGET, relax_pipeline=relax_pipeline(TARGET))
+def run(mod: tvm.IRModule, inputs: list[np.ndarray], layout: str = "auto") -> np.ndarray:
+    ex = tvm.compile(mod, target=TARGET, relax_pipeline=relax_pipeline(TARGET, layout=layout))
     vm = relax.VirtualMachine(ex, tvm.cpu())
     return vm["main"](*[tvm.runtime.tensor(a, tvm.cpu()) for a in inputs]).numpy()
 
 
 @pytest.mark.parametrize("case", CASES_B, ids=[c.name for c in CASES_B])
 def test_hoisted_kernel_matches_reference(case):
+    """The default layout (blocked ``NCHW[x]c`` for 2-d convs on x86)."""
     mod, inputs, want = case_module(case, "hoisted")
     got = run(mod, inputs)
     assert got.shape == want.shape
@@ -32,18 +33,41 @@ def test_hoisted_kernel_matches_reference(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_two_pass_kernel_matches_reference(case):
+def test_hoisted_nchw_kernel_matches_reference(case):
+    """``layout="nchw"``: the plain kernels (what 1-d/3-d and grouped convs always get)."""
+    mod, inputs, want = case_module(case, "hoisted")
+    assert relative_error(run(mod, inputs, layout="nchw"), want) < RTOL
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("layout", ["auto", "nchw"])
+def test_two_pass_kernel_matches_reference(case, layout):
     mod, inputs, want = case_module(case, "two_pass")
-    assert relative_error(run(mod, inputs), want) < RTOL
+    assert relative_error(run(mod, inputs, layout), want) < RTOL
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_every_fused_kernel_gets_the_default_schedule(case):
     mod, _, _ = case_module(case, "hoisted")
-    report = {k.name: k for k in kernel_report(optimize(mod, TARGET))}
+    report = {k.name: k for k in kernel_report(optimize(mod, TARGET, layout="nchw"))}
     assert set(report) == {"dc_shift", "dc_conv"}
     assert report["dc_conv"].schedule == "default"
     assert all(k.origin == "dcgraph" for k in report.values())
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_every_blocked_kernel_gets_a_default_schedule(case):
+    """Blocked: the conv, its shift, the layout changes at the edges and the weight packing (the
+    weight is an input here; a constant one is packed at compile time) are all scheduled."""
+    mod, _, _ = case_module(case, "hoisted")
+    report = {k.name: k for k in kernel_report(optimize(mod, TARGET))}
+    blocked = len(case.kernel) == 2 and (case.groups == 1 or case.groups == case.in_channels == case.out_channels)
+    if not blocked:
+        assert set(report) == {"dc_shift", "dc_conv"}
+        return
+    kinds = {name.rstrip("0123456789") for name in report}
+    assert {"dc_shift", "dc_conv", "to_blocked", "from_blocked"} <= kinds
+    assert {k.name: k.schedule for k in report.values()} == {k: "default" for k in report}
 
 
 def test_conv_schedule_also_applies_to_tvm_legalized_conv():

@@ -19,9 +19,8 @@ tvm = pytest.importorskip("tvm")
 
 from dcgraph import zoo  # noqa: E402
 from dcgraph.backends import tvm as dtvm  # noqa: E402
-from dcgraph.backends.tvm import kernels  # noqa: E402
 from dcgraph.testing import live_mean, relative_error  # noqa: E402
-from tests.backends.tvm_cases import MUTATIONS, ignore_a_two_pass  # noqa: E402
+from tests.backends.tvm_cases import MUTATIONS, apply_mutation, ignore_a_two_pass  # noqa: E402
 
 RTOL = 1e-4  # float32 TVM vs the float32 eager model, relative to the output's scale
 ROUTES = ("torch", "onnx", "arm")  # the tuned route: tests/backends/test_tune.py (its database)
@@ -77,8 +76,7 @@ def test_whole_model_matches_the_eager_model(resnet, route, request):
 @pytest.mark.parametrize("route", ROUTES)
 def test_a_broken_mean_fails_the_whole_model_check(resnet, route, mutation, request, monkeypatch):
     model, x, want = resnet
-    for name, make in MUTATIONS[mutation].items():
-        monkeypatch.setattr(kernels, name, make(getattr(kernels, name)))
+    apply_mutation(monkeypatch, mutation)
     err = relative_error(_compiled_output(route, model, x, request), want)
     assert not err <= RTOL, f"{mutation} on the {route} route passed the whole-model check ({err:.1e})"
 
@@ -92,5 +90,5 @@ def test_depthwise_two_pass_model_matches_and_its_mutation_fails(monkeypatch):
     compiled = dtvm.compile(model, "x86", x)
     assert any("dc_two_pass" in k.name for k in compiled.kernels)
     assert relative_error(compiled(x), want) <= RTOL
-    monkeypatch.setattr(kernels, "deep_control", ignore_a_two_pass(kernels.deep_control))
+    apply_mutation(monkeypatch, {"deep_control": ignore_a_two_pass})
     assert not relative_error(dtvm.compile(model, "x86", x)(x), want) <= RTOL

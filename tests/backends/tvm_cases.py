@@ -19,7 +19,7 @@ from dcgraph.testing import BATCHES, ConvCase, batch_cases, relative_error, with
 # float32 kernels vs the float64 reference, relative to the output's scale
 RTOL = 1e-4
 
-__all__ = ["BATCHES", "MUTATIONS", "RTOL", "batch_cases", "case_module", "ignore_a_two_pass",
+__all__ = ["BATCHES", "MUTATIONS", "RTOL", "apply_mutation", "batch_cases", "case_module", "ignore_a_two_pass",
            "relative_error", "with_batch"]
 
 
@@ -70,3 +70,13 @@ MUTATIONS = {
     "ignore_stride": {"hoisted_shift": ignore_stride},
     "ignore_a": {"hoisted_shift": ignore_a_shift, "deep_control": ignore_a_two_pass},
 }
+
+
+def apply_mutation(monkeypatch, mutation: str | dict) -> None:
+    """Patch a mutation into both kernel families: ``kernels`` (NCHW) and ``kernels_blocked``
+    (the same signatures on blocked tensors), so every layout's route runs the broken mean."""
+    from dcgraph.backends.tvm import kernels, kernels_blocked
+
+    for name, make in (MUTATIONS[mutation] if isinstance(mutation, str) else mutation).items():
+        for module in (kernels, kernels_blocked):
+            monkeypatch.setattr(module, name, make(getattr(module, name)))

@@ -55,8 +55,7 @@ def _blocked_conv_stages(sch: Schedule):
     if not has_root(sch):
         return None
     blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
-    conv = next((b for b in blocks if sch.get(b).name_hint == "conv"
-                 and len(sch.get(b).writes[0].region) == 5), None)
+    conv = next((b for b in blocks if sch.get(b).name_hint == "blocked_conv"), None)
     if conv is None:
         return None
     return conv_stages(sch)
@@ -157,7 +156,7 @@ def schedule_blocked_shift(sch: Schedule, lanes: int = 16) -> bool:
     and the reduction around it; the small product ``m = W . T`` vectorised over output channels
     (the weight is packed ``IHWO``), its accumulator in registers."""
     names = _names(sch)
-    if "hoisted_mean" not in names or not any(n.startswith("tap_sum") for n in names):
+    if "blocked_mean" not in names or not any(n.startswith("tap_sum") for n in names):
         return False
     for name in names:
         if not name.startswith("tap_sum"):
@@ -171,7 +170,7 @@ def schedule_blocked_shift(sch: Schedule, lanes: int = 16) -> bool:
         sch.parallel(sch.fuse(n, k))
         if (extent(sch, c) or 0) >= 4:
             sch.vectorize(c)
-    block = sch.get_sblock("hoisted_mean")
+    block = sch.get_sblock("blocked_mean")
     n, c, rc, r0, r1 = sch.get_loops(block)
     vec = _vector_split(sch, c, channel_block(extent(sch, c) or 1, lanes))
     if vec is not None:
