@@ -102,8 +102,9 @@ def conv(xb: te.Tensor, wp: te.Tensor, scale: te.Tensor | None, shift: te.Tensor
          stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
          act: str = "identity", negative_slope: float = 0.01) -> te.Tensor:
     """Dense blocked conv with the Deep Control epilogue:
-    ``out[n, k, y, z, j] = act(scale[c] * sum_{ci, r, s} x[n, ci, y*sh + r*dh - ph, z*sw + s*dw - pw] * W[c, ci, r, s] + shift[n, c])``
-    with ``c = k * cbo + j``; ``wp`` packed by :func:`pack_weight`. ``scale``/``shift`` None: 1/0."""
+    ``out[n, k, y, z, j] = act(scale[c] * acc + shift[n, c])``,
+    ``acc = sum_{ci, r, s} x[n, ci, y*sh + r*dh - ph, z*sw + s*dw - pw] * W[c, ci, r, s]``, with
+    ``c = k * cbo + j``; ``wp`` packed by :func:`pack_weight`. ``scale``/``shift`` None: 1/0."""
     n, _, h, w, _ = xb.shape
     ko, ki, kh, kw, cbi, cbo = (int(d) for d in wp.shape)
     ho, wo = output_size([int(h), int(w)], [kh, kw], stride, padding, dilation)
@@ -115,8 +116,9 @@ def conv(xb: te.Tensor, wp: te.Tensor, scale: te.Tensor | None, shift: te.Tensor
     (sh, sw), (dh, dw) = stride, dilation
     acc = te.compute(
         (n, ko, ho, wo, cbo),
-        lambda i, k, y, z, j: te.sum(xp[i, rk, y * sh + rh * dh, z * sw + rw * dw, rc] * wp[k, rk, rh, rw, rc, j],
-                                     axis=[rk, rh, rw, rc]),
+        lambda i, k, y, z, j: te.sum(
+            xp[i, rk, y * sh + rh * dh, z * sw + rw * dw, rc] * wp[k, rk, rh, rw, rc, j],
+            axis=[rk, rh, rw, rc]),
         name="blocked_conv")
     return _epilogue(acc, scale, shift, act, negative_slope)
 
@@ -124,8 +126,8 @@ def conv(xb: te.Tensor, wp: te.Tensor, scale: te.Tensor | None, shift: te.Tensor
 def depthwise(xb: te.Tensor, wp: te.Tensor, scale: te.Tensor | None, shift: te.Tensor | None, *,
               stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], act: str = "identity",
               negative_slope: float = 0.01) -> te.Tensor:
-    """Blocked depthwise conv ``y[n, k, y, z, j] = sum_{r, s} x[n, c, ...] * W[c, 0, r, s]`` (``c = k*cb + j``)
-    with the epilogue of :func:`conv`, vectorised over the channel block; ``wp`` packed by
+    """Blocked depthwise conv ``y[n, k, y, z, j] = sum_{r, s} x[n, c, ...] * W[c, 0, r, s]``
+    (``c = k*cb + j``) with the epilogue of :func:`conv`, vectorised over the channel block; ``wp`` packed by
     :func:`pack_depthwise`."""
     n, _, h, w, _ = xb.shape
     k_, kh, kw, cb = (int(d) for d in wp.shape)
@@ -169,7 +171,8 @@ def hoisted_shift(xb: te.Tensor, wm: te.Tensor, bias: te.Tensor | None, a: te.Te
 
     def mean_value(i, c):
         ci = rc if groups == 1 else (c // cog) * cig + rc
-        return te.sum(wm[c // cbo, rc, rh, rw, c % cbo] * t[i, ci // cbi, rh, rw, ci % cbi], axis=[rc, rh, rw])
+        return te.sum(wm[c // cbo, rc, rh, rw, c % cbo] * t[i, ci // cbi, rh, rw, ci % cbi],
+                      axis=[rc, rh, rw])
 
     m = te.compute((n, c_out), mean_value, name="blocked_mean")
     inv = tirx.const(1.0 / (out[0] * out[1]), xb.dtype)
@@ -190,7 +193,8 @@ def deep_control(yb: te.Tensor, a: te.Tensor, g: te.Tensor, b: te.Tensor, act: s
     cb = int(cb)
     rh = te.reduce_axis((0, int(h)), name="s0")
     rw = te.reduce_axis((0, int(w)), name="s1")
-    total = te.compute((n, k_, cb), lambda i, k, j: te.sum(yb[i, k, rh, rw, j], axis=[rh, rw]), name="map_sum")
+    total = te.compute((n, k_, cb), lambda i, k, j: te.sum(yb[i, k, rh, rw, j], axis=[rh, rw]),
+                       name="map_sum")
     inv = tirx.const(1.0 / (int(h) * int(w)), yb.dtype)
 
     def value(i, k, y, z, j):

@@ -117,6 +117,11 @@ class _Blocker(PyExprMutator):
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         value = binding.value
         new = None
+        if isinstance(value, relax.Var | relax.TupleGetItem):  # aliases keep the blocked twin
+            alias = self._alias(value)
+            if alias is not None:
+                self.set_var_remap(binding.var, alias)
+                return
         if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
             args = [self.visit_expr(a) for a in value.args]
             name = value.op.name
@@ -129,6 +134,19 @@ class _Blocker(PyExprMutator):
             return
         self.count += 1
         self.set_var_remap(binding.var, new)
+
+    def _alias(self, value: relax.Expr) -> relax.Var | None:
+        """``v = u`` or ``v = (..., u, ...)[i]`` (what the importer leaves between ops) for a ``u``
+        with a blocked twin: ``u`` itself, else None."""
+        if isinstance(value, relax.Var):
+            new = self.visit_expr(value)
+            return new if new in self.blocked else None
+        tup = self.visit_expr(value.tuple_value)
+        src = self.lookup_binding(tup) if isinstance(tup, relax.Var) else tup
+        if isinstance(src, relax.Tuple):
+            field = src.fields[value.index]
+            return field if field in self.blocked else None
+        return None
 
     def _dc_kernel(self, call: relax.Call, args: list[relax.Expr]) -> relax.Var | None:
         func = self.mod_[args[0]] if isinstance(args[0], relax.GlobalVar) else None
@@ -159,10 +177,12 @@ class _Blocker(PyExprMutator):
         if kind == "dc_shift":
             wm = self._weight(w, kb.pack_mean_weight, cbo)
             if len(ins) == 5:  # (x, w, a, g, b): no conv bias
-                return self._emit(lambda x_, w_, a_, g_, b_, **kw: kb.hoisted_shift(x_, w_, None, a_, g_, b_, **kw),
-                                  xb, wm, *ins[2:], name="dc_shift", kind=kind, groups=p["groups"], **conv)
-            return self._emit(kb.hoisted_shift, xb, wm, *ins[2:], name="dc_shift", kind=kind, groups=p["groups"],
-                              **conv)
+                def shift(x_, w_, a_, g_, b_, **kw):
+                    return kb.hoisted_shift(x_, w_, None, a_, g_, b_, **kw)
+            else:
+                def shift(*args, **kw):
+                    return kb.hoisted_shift(*args, **kw)
+            return self._emit(shift, xb, wm, *ins[2:], name="dc_shift", kind=kind, groups=p["groups"], **conv)
         if depthwise:
             wp = self._weight(w, kb.pack_depthwise, cbo)
             fn = kb.depthwise

@@ -35,7 +35,7 @@ from . import kernels
 
 PLANS = ("auto", "hoisted", "two_pass")
 KERNEL_ATTR = "dcgraph.kernel"  # marks the PrimFuncs dcgraph emitted (schedules and reports read it)
-CONV_ATTR = "dcgraph.conv"  # the conv's parameters on the same PrimFuncs (:mod:`.layout` re-emits them blocked)
+CONV_ATTR = "dcgraph.conv"  # the conv's parameters on them (:mod:`.layout` re-emits the kernels blocked)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,19 @@ class InputSpec:
 
 
 class CompiledModel:
-    """A compiled model: call it with tensors (torch or numpy) of the compiled shapes."""
+    """A compiled model: call it with tensors (torch or numpy) of the compiled shapes.
+
+    Calling it copies nothing on a CPU target: a contiguous torch tensor (or numpy array)
+    whose data is 64-byte aligned goes to the VM by DLPack, and the outputs come back by DLPack
+    (torch tensors if any input was one, else numpy arrays) sharing the memory the VM wrote.
+    A non-contiguous or misaligned input (TVM's kernels assume 64-byte alignment; numpy
+    allocates at 16 or 32) is copied once first. The Relax VM allocates its outputs afresh on
+    every call and never reuses memory that a live result holds, so a result stays valid after
+    later calls; an output that is an input passed through is cloned, so it never aliases the
+    caller's tensor. (An output that is a constant of the model would share the VM's copy of
+    that constant: do not write into it.) On CUDA, torch CUDA tensors pass by DLPack both ways;
+    other inputs are copied to the GPU and the outputs copied back to the host, as before.
+    """
 
     def __init__(self, executable: Any, target: tvm.target.Target, inputs: Sequence[InputSpec],
                  kernels: Sequence[KernelInfo], path: str | None = None) -> None:
@@ -79,32 +91,50 @@ class CompiledModel:
             self._vm = relax.VirtualMachine(self.executable, self.device())
         return self._vm
 
-    def check_inputs(self, args: Sequence[Any]) -> list[np.ndarray]:
+    def _checked(self, args: Sequence[Any]) -> list[torch.Tensor | np.ndarray]:
+        """The inputs, shape- and dtype-checked against the signature: torch tensors (detached)
+        stay torch tensors, anything else becomes a numpy array; nothing is copied."""
         if len(args) != len(self.inputs):
             raise CompileError(f"expected {len(self.inputs)} inputs, got {len(args)}")
-        arrays = []
+        checked: list[torch.Tensor | np.ndarray] = []
         for i, (arg, spec) in enumerate(zip(args, self.inputs, strict=True)):
-            arr = arg.detach().cpu().numpy() if isinstance(arg, torch.Tensor) else np.asarray(arg)
-            if len(arr.shape) != len(spec.shape) or any(
-                    s not in (-1, a) for s, a in zip(spec.shape, arr.shape, strict=True)):
-                raise CompileError(f"input {i} ({spec.name}) has shape {tuple(arr.shape)}; "
+            arr = arg.detach() if isinstance(arg, torch.Tensor) else np.asarray(arg)
+            shape = tuple(arr.shape)
+            if len(shape) != len(spec.shape) or any(
+                    s not in (-1, a) for s, a in zip(spec.shape, shape, strict=True)):
+                raise CompileError(f"input {i} ({spec.name}) has shape {shape}; "
                                    f"the model was compiled for {spec.shape}")
-            if str(arr.dtype) != spec.dtype:
-                raise CompileError(f"input {i} ({spec.name}) is {arr.dtype}; the model takes {spec.dtype}")
-            arrays.append(np.ascontiguousarray(arr))
-        return arrays
+            dtype = _dtype_name(arr)
+            if dtype != spec.dtype:
+                raise CompileError(f"input {i} ({spec.name}) is {dtype}; the model takes {spec.dtype}")
+            checked.append(arr)
+        return checked
+
+    def check_inputs(self, args: Sequence[Any]) -> list[np.ndarray]:
+        """The inputs as C-contiguous host numpy arrays (copied where needed), checked against the
+        signature: what an RPC session sends."""
+        return [np.ascontiguousarray(a.cpu().numpy() if isinstance(a, torch.Tensor) else a)
+                for a in self._checked(args)]
+
+    def _tvm_inputs(self, args: Sequence[Any]) -> list[tvm.runtime.Tensor]:
+        """The checked inputs as TVM tensors on the VM's device: by DLPack where the memory is
+        usable as it is, copied once where not (see the class docstring)."""
+        dev = self.device()
+        return [_to_device(a, dev) for a in self._checked(args)]
 
     def __call__(self, *args: Any) -> Any:
-        arrays = self.check_inputs(args)
-        dev = self.device()
-        out = self.vm()["main"](*[tvm.runtime.tensor(a, dev) for a in arrays])
+        tensors = self._tvm_inputs(args)
+        out = self.vm()["main"](*tensors)
         as_torch = any(isinstance(a, torch.Tensor) for a in args)
-        return _unpack(out, as_torch)
+        if _is_cpu(self.device()):
+            return _unpack(out, _Shared(as_torch, tensors))
+        on_gpu = as_torch and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+        return _unpack(out, _Shared(as_torch, tensors) if on_gpu else _host_copy(as_torch))
 
     def time(self, *args: Any, number: int = 10, repeat: int = 5) -> list[float]:
         """Per-call seconds over ``repeat`` runs of ``number`` calls (TVM's time_evaluator)."""
         dev = self.device()
-        tensors = [tvm.runtime.tensor(a, dev) for a in self.check_inputs(args)]
+        tensors = self._tvm_inputs(args)
         self.vm().set_input("main", *tensors)
         timer = self.vm().time_evaluator("invoke_stateful", dev, number=number, repeat=repeat)
         return list(timer("main").results)
@@ -171,11 +201,78 @@ def _target_json(target: tvm.target.Target) -> dict:
     return out
 
 
-def _unpack(out: Any, as_torch: bool) -> Any:
-    if isinstance(out, tvm.runtime.Tensor):
-        arr = out.numpy()
+_ALIGNMENT = 64  # bytes: what TVM's generated code assumes of every tensor's data
+
+
+def _is_cpu(dev: tvm.runtime.Device) -> bool:
+    return dev.dlpack_device_type() == tvm.cpu(0).dlpack_device_type()
+
+
+def _dtype_name(arr: torch.Tensor | np.ndarray) -> str:
+    """numpy's spelling of the element type (``float32``) for a torch tensor or a numpy array."""
+    return str(arr.dtype).removeprefix("torch.")
+
+
+def _to_device(arr: torch.Tensor | np.ndarray, dev: tvm.runtime.Device) -> tvm.runtime.Tensor:
+    """A TVM tensor on ``dev`` for a checked input: the same memory (DLPack) when it is on ``dev``,
+    contiguous and 64-byte aligned; otherwise one copy."""
+    if isinstance(arr, torch.Tensor):
+        if _is_cpu(dev):
+            want = torch.device("cpu")
+        else:
+            want = torch.device("cuda", dev.index)
+            if not arr.is_cuda:  # a host tensor for the GPU: one host-to-device copy, as before
+                return tvm.runtime.tensor(np.ascontiguousarray(arr.numpy()), dev)
+        t = arr.to(want)
+        if not t.is_contiguous() or t.data_ptr() % _ALIGNMENT:
+            t = t.clone(memory_format=torch.contiguous_format)  # torch allocates 64-byte aligned
+        with contextlib.suppress(RuntimeError, BufferError, TypeError, ValueError):
+            return tvm.runtime.from_dlpack(t)
+        return tvm.runtime.tensor(np.ascontiguousarray(t.cpu().numpy()), dev)
+    if _is_cpu(dev) and arr.flags.c_contiguous and arr.ctypes.data % _ALIGNMENT == 0:
+        with contextlib.suppress(RuntimeError, BufferError, TypeError, ValueError):
+            return tvm.runtime.from_dlpack(arr)
+    return tvm.runtime.tensor(np.ascontiguousarray(arr), dev)
+
+
+def _span(t: tvm.runtime.Tensor) -> tuple[int, int]:
+    """The bytes ``[start, end)`` a compact tensor's data covers."""
+    return t.data_ptr(), t.data_ptr() + tvm.runtime.DataType(str(t.dtype)).itemsize * t.numel()
+
+
+class _Shared:
+    """Outputs by DLPack (zero copy) as torch tensors or numpy arrays; a clone for an output
+    whose memory overlaps one of the inputs (a pass-through), so it never aliases the caller's."""
+
+    def __init__(self, as_torch: bool, inputs: Sequence[tvm.runtime.Tensor]) -> None:
+        self.as_torch = as_torch
+        self.spans = [_span(t) for t in inputs]
+
+    def __call__(self, t: tvm.runtime.Tensor) -> torch.Tensor | np.ndarray:
+        lo, hi = _span(t)
+        aliased = any(lo < b and a < hi for a, b in self.spans)
+        if self.as_torch:
+            out = torch.from_dlpack(t)
+            return out.clone() if aliased else out
+        out = np.from_dlpack(t)
+        return out.copy() if aliased else out
+
+
+def _host_copy(as_torch: bool):
+    """Outputs copied to host numpy arrays (an RPC session's, a GPU's for host inputs), as torch
+    tensors if asked."""
+    def convert(t: Any) -> torch.Tensor | np.ndarray:
+        arr = t.numpy()
         return torch.from_numpy(arr) if as_torch else arr
-    items = [_unpack(o, as_torch) for o in out]
+    return convert
+
+
+def _unpack(out: Any, convert: Any) -> Any:
+    """The VM's result (a tensor or nested tuples of them) with every tensor converted; a
+    one-element tuple is unwrapped."""
+    if isinstance(out, tvm.runtime.Tensor):
+        return convert(out)
+    items = [_unpack(o, convert) for o in out]
     return items[0] if len(items) == 1 else tuple(items)
 
 
@@ -219,4 +316,4 @@ class RemoteModel:
     def __call__(self, *args: Any) -> Any:
         arrays = self.compiled.check_inputs(args)
         out = self.vm["main"](*[tvm.runtime.tensor(a, self.dev) for a in arrays])
-        return _unpack(out, any(isinstance(a, torch.Tensor) for a in args))
+        return _unpack(out, _host_copy(any(isinstance(a, torch.Tensor) for a in args)))

@@ -35,6 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                          "two_pass (conv, then mean and epilogue over its output), auto (default: "
                          "two_pass for depthwise convs, where the hoisted mean costs as much as the "
                          "conv; hoisted otherwise)")
+    cp.add_argument("--layout", choices=["auto", "blocked", "nchw"], default="auto",
+                    help="tensor layout of the kernels: blocked (NCHW[x]c, x = the target's float32 vector "
+                         "lanes; layout changes only at the model's edges), nchw, auto (default: blocked on "
+                         "CPU targets, nchw on GPUs)")
     cp.add_argument("--db", metavar="DIR", help="MetaSchedule database of tuned records to apply")
     cp.add_argument("--no-convert", action="store_true", help="compile as is (no norm conversion)")
     cp.add_argument("--verify", action="store_true",
@@ -56,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     model, shape = tvm_model(args.model, args.input_shape)
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     print(f"compiling {args.model} {tuple(shape)} for {targets.describe(target)} ...", file=sys.stderr)
-    compiled = compiler.compile(model, target, example, plan=args.plan, convert=not args.no_convert,
+    compiled = compiler.compile(model, target, example, plan=args.plan, layout=args.layout,
+                                convert=not args.no_convert,
                                 database=args.db)
     print(compiled.summary())
     runner, server = None, None

@@ -49,6 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tu.add_argument("--input-shape", metavar="N,C,H,W", help="input shape (default: the model's)")
     tu.add_argument("--plan", choices=["auto", "hoisted", "two_pass"], default="auto",
                     help="fused kernel form, as for compile (default auto)")
+    tu.add_argument("--layout", choices=["auto", "blocked", "nchw"], default="auto",
+                    help="tensor layout, as for compile (default auto); records apply to builds of the "
+                         "same layout")
     tu.add_argument("--cost-model", choices=["auto", "xgb", "random"], default="auto",
                     help="MetaSchedule cost model (default auto: xgb if installed, else random)")
     tu.add_argument("--no-convert", action="store_true", help="tune as is (no norm conversion)")
@@ -76,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = tune(model, target, example, trials=args.trials, db=args.db, rpc=args.rpc, key=args.key,
                       cost_model=args.cost_model, progress=not args.no_progress and sys.stderr.isatty(),
-                      convert=not args.no_convert, plan=args.plan, min_trials=args.min_trials,
+                      convert=not args.no_convert, plan=args.plan, layout=args.layout,
+                      min_trials=args.min_trials,
                       kernels=args.kernels.split(",") if args.kernels else None)
     except TuneError as e:
         if e.report is not None:

@@ -61,7 +61,8 @@ def test_every_blocked_kernel_gets_a_default_schedule(case):
     weight is an input here; a constant one is packed at compile time) are all scheduled."""
     mod, _, _ = case_module(case, "hoisted")
     report = {k.name: k for k in kernel_report(optimize(mod, TARGET))}
-    blocked = len(case.kernel) == 2 and (case.groups == 1 or case.groups == case.in_channels == case.out_channels)
+    depthwise = case.groups == case.in_channels == case.out_channels
+    blocked = len(case.kernel) == 2 and (case.groups == 1 or depthwise)
     if not blocked:
         assert set(report) == {"dc_shift", "dc_conv"}
         return

@@ -19,7 +19,8 @@ from dcgraph.testing import BATCHES, ConvCase, batch_cases, relative_error, with
 # float32 kernels vs the float64 reference, relative to the output's scale
 RTOL = 1e-4
 
-__all__ = ["BATCHES", "MUTATIONS", "RTOL", "apply_mutation", "batch_cases", "case_module", "ignore_a_two_pass",
+__all__ = ["BATCHES", "MUTATIONS", "RTOL", "apply_mutation", "batch_cases", "case_module",
+           "ignore_a_two_pass",
            "relative_error", "with_batch"]
 
 

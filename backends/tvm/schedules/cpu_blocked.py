@@ -140,7 +140,9 @@ def channel_block(channels: int, lanes: int) -> int:
 
 
 def _names(sch: Schedule) -> list[str]:
-    return [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))] if has_root(sch) else []
+    if not has_root(sch):
+        return []
+    return [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
 
 
 def _vector_split(sch: Schedule, loop, lanes: int):
@@ -207,7 +209,7 @@ def schedule_injective(sch: Schedule, lanes: int = 16) -> bool:
     for block in blocks[:-1]:
         try:
             sch.compute_inline(block)
-        except Exception:  # noqa: BLE001 - a block TVM cannot inline stays a stage of its own
+        except Exception:  # a block TVM cannot inline: leave the kernel to another rule
             return False
     last = blocks[-1]
     loops = sch.get_loops(last)
@@ -292,8 +294,8 @@ def schedule_matmul(sch: Schedule, lanes: int = 16) -> bool:
     if len(blocks) > 1:
         sch.set_scope(block, 0, "local")
     sch.vectorize(ji)
-    init = sch.decompose_reduction(block, k)
-    sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(out)[-1])
     sch.parallel(sch.fuse(i, jo))
+    init = sch.decompose_reduction(block, k)
+    sch.vectorize(sch.get_loops(init)[-1])
     return True

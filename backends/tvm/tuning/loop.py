@@ -63,11 +63,11 @@ def tune(
     db: str | os.PathLike, rpc: str | None = None, key: str | None = None, cost_model: str = "auto",
     progress: bool = True, convert: bool = True, plan: str = "auto", fuse_plain: bool = True,
     shape: dict | None = None, min_trials: int = MIN_TRIALS, skip_share: float = SKIP_SHARE,
-    kernels: Sequence[str] | None = None, timeout: float | None = None,
+    kernels: Sequence[str] | None = None, timeout: float | None = None, layout: str = "auto",
 ) -> TuneReport:
     """Tune ``model``'s kernels for ``target``, ``trials`` trials in all; records in ``db/<target key>/``.
 
-    ``model``/``example_inputs``/``convert``/``plan``/``fuse_plain``/``shape``: as for
+    ``model``/``example_inputs``/``convert``/``plan``/``fuse_plain``/``shape``/``layout``: as for
     ``compile`` (an ``IRModule`` is taken as is). ``rpc="host:port"`` and ``key``:
     measure on the devices of ``key`` registered with that TVM RPC tracker (builds stay here).
     ``cost_model``: ``auto`` (XGBoost if installed, else random), ``xgb`` or ``random``.
@@ -90,7 +90,7 @@ def tune(
     tuning_tgt = tuning_target(tgt, threads)
 
     mod = prepare(model, example_inputs, plan=plan, convert=convert, fuse_plain=fuse_plain, shape=shape)
-    tasks = extract_tasks(fuse(mod, tgt), tuning_tgt)
+    tasks = extract_tasks(fuse(mod, tgt, layout), tuning_tgt)
     directory = database_dir(db, tgt)
     database = open_database(db, tgt, create=True)
     (directory / "target.json").write_text(

@@ -1,0 +1,119 @@
+"""The blocked layout (``NCHW[x]c``): the layout pass, the packing, and the blocked kernels at
+real channel counts on both x86 families, against the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+
+from dcgraph import zoo
+from dcgraph.backends.tvm import kernels_blocked as kb
+from dcgraph.backends.tvm import targets
+from dcgraph.backends.tvm.frontends import prepare
+from dcgraph.backends.tvm.layout import block_layout, blocked_kernels
+from dcgraph.backends.tvm.pipeline import kernel_report, optimize, relax_pipeline
+from dcgraph.backends.tvm.schedules.cpu import cpu_features
+from dcgraph.testing import ConvCase, live_mean
+from tests.backends.tvm_cases import RTOL, case_module, relative_error
+
+HOST = targets.resolve("x86")
+HOST_FEATURES = cpu_features(HOST)
+
+# channel counts the small shared cases do not reach: full 16-lane blocks with two blocks per
+# register tile (32, 64), an odd number of blocks (48), half blocks (24 -> 8 lanes), strides
+CASES = [
+    ConvCase("c32_3x3", 1, 32, 64, (14, 14), (3, 3), padding=(1, 1)),
+    ConvCase("c48_s2", 2, 16, 48, (15, 15), (3, 3), stride=(2, 2), padding=(1, 1), bias=True),
+    ConvCase("c24_1x1", 1, 24, 40, (9, 9), (1, 1), act="silu"),
+    ConvCase("c32_dw", 2, 32, 32, (10, 10), (3, 3), stride=(2, 2), padding=(1, 1), groups=32, act="relu6"),
+    ConvCase("c16_dil", 1, 16, 32, (12, 11), (3, 3), padding=(2, 2), dilation=(2, 2), act="hardswish"),
+]
+
+
+@pytest.mark.parametrize(("channels", "lanes", "block"), [(64, 16, 16), (24, 16, 8), (40, 16, 8), (3, 16, 1),
+                                                          (6, 4, 2), (96, 8, 8), (20, 8, 4)])
+def test_channel_block_is_the_largest_power_of_two_up_to_the_lanes(channels, lanes, block):
+    assert kb.channel_block(channels, lanes) == block
+
+
+def test_packed_weight_holds_every_weight_where_the_kernel_reads_it():
+    w = np.arange(32 * 24 * 3 * 3, dtype="float32").reshape(32, 24, 3, 3)
+    p = kb.pack_weight(w, 8, 16)
+    assert p.shape == (2, 3, 3, 3, 8, 16)
+    assert p[1, 2, 0, 2, 5, 7] == w[1 * 16 + 7, 2 * 8 + 5, 0, 2]
+    m = kb.pack_mean_weight(w, 16)
+    assert m.shape == (2, 24, 3, 3, 16) and m[1, 5, 2, 1, 3] == w[19, 5, 2, 1]
+    d = kb.pack_depthwise(w[:, :1], 16)
+    assert d.shape == (2, 3, 3, 16) and d[1, 2, 0, 4] == w[20, 0, 2, 0]
+
+
+def _resnet(width: int = 16, size: int = 32) -> tuple[tvm.IRModule, torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = live_mean(zoo.randomize_norm_stats(zoo.resnet18_like(width=width)))
+    x = torch.randn(1, 3, size, size)
+    return prepare(model, x), model, x
+
+
+def test_a_resnet_changes_layout_only_at_its_edges():
+    """ResNet-18-like: every Deep Control kernel, residual add, relu, the max-pool and the global
+    mean run blocked; one ``to_blocked`` (the input) and one ``from_blocked`` (before the
+    classifier's reshape) are left of the one-per-conv pairs the rewrite starts from."""
+    mod, _, _ = _resnet()
+    blocked = block_layout(mod, 16)
+    names = blocked_kernels(blocked)
+    assert sum(n.startswith("to_blocked") for n in names) == 1
+    assert sum(n.startswith("from_blocked") for n in names) == 1
+    nchw_dc = [gv.name_hint for gv, f in blocked.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+               and "dcgraph.kernel" in (f.attrs or {}) and "dcgraph.layout" not in (f.attrs or {})]
+    assert nchw_dc == []
+    script = blocked["main"].script()
+    assert "NCHW16c" in script  # the max-pool runs blocked
+    assert block_layout(mod, 1) is mod  # no vector unit: nothing to block for
+
+
+def test_every_kernel_of_a_blocked_resnet_is_scheduled():
+    mod, _, _ = _resnet()
+    report = kernel_report(optimize(mod, HOST))
+    assert [k.name for k in report if k.schedule == "none"] == []
+
+
+def _targets() -> list:
+    out = [pytest.param("skylake-avx512", marks=pytest.mark.skipif(
+        "avx512f" not in HOST_FEATURES, reason="this CPU has no AVX-512")),
+        pytest.param("haswell", marks=pytest.mark.skipif("avx2" not in HOST_FEATURES, reason="no AVX2"))]
+    return out
+
+
+def _run(mod: tvm.IRModule, target: tvm.target.Target, inputs: list[np.ndarray]) -> np.ndarray:
+    ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](*[tvm.runtime.tensor(a, tvm.cpu()) for a in inputs]).numpy()
+
+
+@pytest.mark.parametrize("mcpu", _targets())
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_blocked_kernels_match_the_reference_on_both_x86_families(case, mcpu):
+    """AVX-512 (16 lanes) and AVX2 (8 lanes) code, each run here where the CPU has it."""
+    target = targets.resolve({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
+    for plan in ("hoisted", "two_pass"):
+        mod, inputs, want = case_module(case, plan)
+        assert relative_error(_run(mod, target, inputs), want) < RTOL, plan
+
+
+@pytest.mark.parametrize("mcpu", ["znver3", "skylake-avx512", "haswell"])
+def test_blocked_resnet_compiles_for_each_x86_family(mcpu):
+    """Code generation for each family (a Zen 3 AVX2 build too), whatever this host runs."""
+    mod, _, _ = _resnet(width=16, size=16)
+    target = targets.resolve({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
+    tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
+
+
+def test_a_blocked_resnet_matches_the_eager_model():
+    mod, model, x = _resnet(width=16, size=32)
+    with torch.no_grad():
+        want = model(x).numpy()
+    got = _run(mod, HOST, [x.numpy()])
+    assert relative_error(got, want) < RTOL
