@@ -56,9 +56,10 @@ def test_op_level_runtimes_and_statuses():
     tuned row says "not yet" without a database."""
     data = op_level.run(quick=True, shapes=["mbv2.dw_s2"], repeats=2, write=False, progress=False,
                         only=["torch_conv", "ort_conv", "ort_plain", "ort_function", "tvm_unfused",
-                              "tvm_fused", "tvm_tuned"])
+                              "tvm_fused", "tvm_call", "tvm_tuned"])
     rows = data["cases"][0]["rows"]
-    for key in ("torch_conv", "ort_conv", "ort_plain", "ort_function", "tvm_unfused", "tvm_fused"):
+    for key in ("torch_conv", "ort_conv", "ort_plain", "ort_function", "tvm_unfused", "tvm_fused",
+                "tvm_call"):
         assert rows[key]["status"] == H.OK, (key, rows[key])
     assert rows["tvm_tuned"]["status"] == H.NOT_YET and "--db" in rows["tvm_tuned"]["why"]
     summary = data["summary"]["1"]

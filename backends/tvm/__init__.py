@@ -16,6 +16,15 @@ The rooms, in the order a model passes through them (see ARCHITECTURE.md):
 - :mod:`.targets` (presets), :mod:`.errors` (every error raised on purpose).
 """
 
+import os
+
+# TVM's CPU thread pool assumes two hardware threads per x86 core and starts cpu_count() / 2
+# workers when TVM_NUM_THREADS is unset: one on these 2-core VMs, which halved every kernel's
+# speed for a user who did not know to set it (the benchmark harness always did). Use every CPU
+# this process may run on unless told otherwise; read when the pool starts (the first kernel).
+os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                             else os.cpu_count() or 1))
+
 from .compiler import compile
 from .errors import CompileError, TargetError
 from .runtime import CompiledModel, load

@@ -13,6 +13,7 @@ Rows (``ROWS``), in the issue's order; *family* says what each row is to the com
 | ``ort_function`` | ONNX Runtime, one ``ai.dcgraph.DeepControlConv`` node (model-local function) | dcgraph |
 | ``tvm_unfused`` | TVM, Deep Control as plain Relax ops left to TVM's own FuseOps | peer |
 | ``tvm_fused`` | dcgraph's fused TVM kernels, default (untuned) schedule | dcgraph |
+| ``tvm_call`` | the same through ``compile()``, called as users do (torch in and out, DLPack) | dcgraph |
 | ``tvm_tuned`` | the same kernels with tuned records from ``--db DIR`` (``dcgraph tune``) | dcgraph |
 
 The *floor* of a case is the faster conv alone (PyTorch or ONNX Runtime): what the block
@@ -46,6 +47,7 @@ ROWS: dict[str, tuple[str, str]] = {  # key -> (label, family)
     "ort_function": ("ONNX Runtime, DeepControlConv function", "dcgraph"),
     "tvm_unfused": ("TVM, plain ops (TVM's own fusion)", "peer"),
     "tvm_fused": ("dcgraph TVM fused, untuned", "dcgraph"),
+    "tvm_call": ("dcgraph TVM fused, untuned, compiled(x) on torch tensors", "dcgraph"),
     "tvm_tuned": ("dcgraph TVM fused, tuned", "dcgraph"),
 }
 FAMILY = {k: fam for k, (_, fam) in ROWS.items()}
@@ -142,6 +144,14 @@ def _tvm_row(kind: str, s: OpShape, t: dict, st: Settings, info: dict):
     return lambda: fn(tx)
 
 
+def _tvm_call_row(s: OpShape, t: dict, st: Settings):
+    from dcgraph.backends.tvm import compiler
+
+    compiled = compiler.compile(tvm_module("fused", s, t), st.target, convert=False, fuse_plain=False)
+    x = t["x"]
+    return lambda: compiled(x)
+
+
 # ----------------------------------------------------------------------------- torch
 
 def _inductor_row(s: OpShape, t: dict, st: Settings, info: dict):
@@ -189,6 +199,7 @@ def builders(s: OpShape, t: dict, st: Settings, infos: dict[str, dict]) -> dict[
         "ort_function": lambda: _ort_row("function", s, t, st),
         "tvm_unfused": lambda: _tvm_row("unfused", s, t, st, infos["tvm_unfused"]),
         "tvm_fused": lambda: _tvm_row("fused", s, t, st, infos["tvm_fused"]),
+        "tvm_call": lambda: _tvm_call_row(s, t, st),
         "tvm_tuned": lambda: _tvm_row("tuned", s, t, st, infos["tvm_tuned"]),
     }
 
