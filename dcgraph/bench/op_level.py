@@ -148,8 +148,7 @@ def _tvm_call_row(s: OpShape, t: dict, st: Settings):
     from dcgraph.backends.tvm import compiler
 
     compiled = compiler.compile(tvm_module("fused", s, t), st.target, convert=False, fuse_plain=False)
-    x = t["x"]
-    return lambda: compiled(x)
+    return lambda x=t["x"]: compiled(x)
 
 
 # ----------------------------------------------------------------------------- torch
