@@ -68,9 +68,13 @@ def test_op_level_runtimes_and_statuses():
     json.dumps(data)  # the results are JSON
 
 
+@pytest.mark.slow  # two tuning runs of a 512-channel block: ~45 s. Once (CI, 2026-12-02) the resumed
+# run added one record; not reproduced here in 8 runs; search_trials now counts every record but
+# the default's, in case a search candidate without sampling instructions was the cause
 def test_tuned_row_tunes_into_the_database_and_is_checked(tmp_path):
     """--db DIR --tune N: the block's kernels are tuned into DIR, compiled from its records,
-    checked against the reference and timed; a second run resumes (no new trials)."""
+    checked against the reference and timed; a second run resumes (no new trials; the resume
+    rules themselves: tests/backends/test_tune.py)."""
     kw = dict(quick=True, shapes=["r18.layer4"], repeats=2, write=False, progress=False,
               only=["torch_conv", "tvm_fused", "tvm_tuned"], db=str(tmp_path), tune_trials=2)
     row = op_level.run(**kw)["cases"][0]["rows"]["tvm_tuned"]
@@ -80,7 +84,8 @@ def test_tuned_row_tunes_into_the_database_and_is_checked(tmp_path):
     before = recs.read_text().count("\n")
     again = op_level.run(**kw)["cases"][0]["rows"]["tvm_tuned"]
     # resumed: the database already holds the trials asked for, so no record is added
-    assert again["status"] == H.OK and recs.read_text().count("\n") == before, (row, again)
+    added = recs.read_text().splitlines()[before:]
+    assert again["status"] == H.OK and not added, (row, again, [line[:300] for line in added])
 
 
 def test_gpu_level_builds_cuda_modules_without_a_gpu(tmp_path, monkeypatch):

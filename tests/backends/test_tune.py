@@ -1,8 +1,9 @@
 """MetaSchedule tuning (dcgraph.backends.tvm.tuning): records, resume, reuse by compile, RPC, failures.
 
 One conv -> BatchNorm -> relu block (8 -> 8 channels, 8x8 input) gives two fused Deep Control
-kernels (the hoisted shift and the conv with its epilogue); a few trials each keep the module
-around two and a half minutes on two cores. The ARM round trip (emulated device) is marked slow.
+kernels (the hoisted shift and the conv with its epilogue); two trials each keep the module
+around two minutes on two cores. The killed-process resume, the dead fleet and the ARM round trip
+(emulated device) are marked slow.
 """
 
 from __future__ import annotations
@@ -70,9 +71,9 @@ def valid(recs: list[list]) -> list[list]:
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
-    """One local tuning run: 8 trials, 4 per kernel."""
+    """One local tuning run: 4 trials, 2 per kernel."""
     db = tmp_path_factory.mktemp("tune") / "db"
-    report = tune(block(), TARGET, example(), trials=8, db=db, progress=False, min_trials=4)
+    report = tune(block(), TARGET, example(), trials=4, db=db, progress=False, min_trials=2)
     return db, report
 
 
@@ -94,13 +95,13 @@ def test_target_keys_separate_targets():
 def test_tuning_writes_records_per_target(tuned):
     db, report = tuned
     assert {t.name for t in report.tasks} == {"dc_conv", "dc_shift"}
-    assert all(t.trials == t.budget == 4 for t in report.tasks)
-    assert report.trials_run == 8
+    assert all(t.trials == t.budget == 2 for t in report.tasks)
+    assert report.trials_run == 4
     assert report.cost_model in ("XGBoost", "random (xgboost is not installed; pip install xgboost-cpu for "
                                  "XGBoost)")
     recs = records(db)
-    # 8 search trials + the two default schedules, each checked on the device before it was kept
-    assert len(recs) == 10
+    # 4 search trials + the two default schedules, each checked on the device before it was kept
+    assert len(recs) == 6
     assert valid(recs)
     assert all(t.default_ms is not None and t.best_ms is not None for t in report.tasks)
     assert (database_dir(db, TARGET) / "database_workload.json").is_file()
@@ -111,21 +112,21 @@ def test_a_second_run_resumes_instead_of_starting_over(tuned, capsys, tmp_path):
     db, _ = tuned
     before = len(records(db))
     out_json = tmp_path / "report.json"
-    rc = cli_main(["tune", "tests.backends.test_tune:block", "--input-shape", "1,8,16,16", "--trials", "8",
-                   "--min-trials", "4", "--layout", "nchw", "--db", str(db), "--json", str(out_json),
+    rc = cli_main(["tune", "tests.backends.test_tune:block", "--input-shape", "1,8,16,16", "--trials", "4",
+                   "--min-trials", "2", "--layout", "nchw", "--db", str(db), "--json", str(out_json),
                    "--no-progress"])
     assert rc == 0
     assert len(records(db)) == before  # nothing left to do: same budget, already spent
     out = capsys.readouterr().out
     assert "0 new trials" in out and "cost model:" in out
     data = json.loads(out_json.read_text())
-    assert [t["trials_before"] for t in data["tasks"]] == [4, 4]
+    assert [t["trials_before"] for t in data["tasks"]] == [2, 2]
     # a larger budget spends only the difference
-    report = tune(block(), TARGET, example(), trials=12, db=db, progress=False, min_trials=4)
-    assert 1 <= report.trials_run <= 4
-    assert sum(t.trials for t in report.tasks) == 8 + report.trials_run
+    report = tune(block(), TARGET, example(), trials=6, db=db, progress=False, min_trials=2)
+    assert 1 <= report.trials_run <= 2
+    assert sum(t.trials for t in report.tasks) == 4 + report.trials_run
     assert len(records(db)) == before + report.trials_run
-    if report.trials_run < 4:  # MetaSchedule ran out of new candidates: the report says so
+    if report.trials_run < 2:  # MetaSchedule ran out of new candidates: the report says so
         assert any("the search stopped after" in t.note for t in report.tasks), report.table()
 
 
@@ -165,9 +166,9 @@ def test_wrong_results_are_reported_and_never_used(tmp_path, monkeypatch):
 
     monkeypatch.setattr(measure, "reference_outputs", off_by_one)
     db = tmp_path / "db"
-    report = tune(block(), TARGET, example(), trials=4, db=db, progress=False, min_trials=4)
-    (task,) = report.tasks  # 4 trials: only the costliest kernel gets its minimum
-    assert task.name == "dc_conv" and task.wrong_results == 4 and task.kept == "-"
+    report = tune(block(), TARGET, example(), trials=2, db=db, progress=False, min_trials=2)
+    (task,) = report.tasks  # 2 trials: only the costliest kernel gets its minimum
+    assert task.name == "dc_conv" and task.wrong_results == 2 and task.kept == "-"
     assert "wrong results" in report.table() and "default schedule failed" in task.note
     assert records(db) and not valid(records(db))
     monkeypatch.undo()
@@ -175,6 +176,7 @@ def test_wrong_results_are_reported_and_never_used(tmp_path, monkeypatch):
     assert {k.name: k.schedule for k in compiled.kernels}["dc_conv"] == "default"
 
 
+@pytest.mark.slow  # a CLI process tuning 8 trials, killed, then resumed: ~100 s
 def test_a_killed_tuning_process_keeps_its_records_and_resumes(tmp_path):
     db = tmp_path / "db"
     rec = database_dir(db, TARGET) / "database_tuning_record.json"
@@ -228,12 +230,14 @@ def test_rpc_tracker_and_two_servers_measure(tmp_path):
         servers = _servers(tracker, 2, "x86-test")
         try:
             assert all(s.proc is not None for s in servers)
-            report = tune(block(), TARGET, example(), trials=8, db=db, rpc=tracker.address, key="x86-test",
-                          progress=False, min_trials=4)
+            # one kernel, one batch of two candidates: one for each device
+            report = tune(block(), TARGET, example(), trials=2, db=db, rpc=tracker.address, key="x86-test",
+                          progress=False, min_trials=2, kernels=["dc_conv"])
             assert "2 devices" in report.device
-            # every task spends its budget, unless MetaSchedule runs out of new candidates first
-            assert all(t.trials_run == t.budget or "no new candidates" in t.note for t in report.tasks)
-            assert report.trials_run > 4
+            (task,) = report.tasks
+            # the task spends its budget, unless MetaSchedule runs out of new candidates first
+            assert task.trials_run == 2 or "no new candidates" in task.note, report.table()
+            assert report.trials_run >= 1
             assert all(s.sessions() > 0 for s in servers), [s.sessions() for s in servers]
         finally:
             for s in servers:
@@ -331,7 +335,7 @@ def test_the_blocked_layout_tunes_and_builds_from_its_records(tmp_path):
     """The default (blocked) layout's kernels are tasks too, and a build of the same layout uses
     the records and matches the eager model."""
     db = tmp_path / "db"
-    report = tune_any_layout(block(), TARGET, example(), trials=4, db=db, progress=False, min_trials=4)
+    report = tune_any_layout(block(), TARGET, example(), trials=2, db=db, progress=False, min_trials=2)
     tuned = [t.name for t in report.tasks if t.trials_run]
     assert tuned and all(name.startswith("dc_") for name in tuned)
     model, x = block(), example()

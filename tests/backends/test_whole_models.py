@@ -72,8 +72,13 @@ def test_whole_model_matches_the_eager_model(resnet, route, request):
     assert relative_error(_compiled_output(route, model, x, request), want) <= RTOL
 
 
+# the ONNX route's mutations run with the slow tests (make test-slow): it lowers through the same
+# kernels as the torch route, whose mutations run here, and its own conversion is checked above
+MUTATION_ROUTES = [pytest.param(r, marks=pytest.mark.slow) if r == "onnx" else r for r in ROUTES]
+
+
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))
-@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("route", MUTATION_ROUTES)
 def test_a_broken_mean_fails_the_whole_model_check(resnet, route, mutation, request, monkeypatch):
     model, x, want = resnet
     apply_mutation(monkeypatch, mutation)

@@ -161,11 +161,13 @@ def _run(jobs: list[_Job], report: TuneReport, database: Any, tools: Tools, dire
     tracker = Tracker(bar, database)
     scratch = Path(tempfile.mkdtemp(prefix="dcgraph-tune-"))
     sigint = SigintWatch()
+    clean = False
     try:
         for job in jobs:
             _tune_task(job, database, tools, tracker, scratch, directory / "logs", task_log, bar, sigint)
             if tracker.abort is not None:
                 break
+        clean = tracker.abort is None
     except KeyboardInterrupt:
         _interrupted(report, jobs, database)
     except Exception as exc:
@@ -180,7 +182,7 @@ def _run(jobs: list[_Job], report: TuneReport, database: Any, tools: Tools, dire
         sigint.restore()
         if bar is not None:
             bar.close()
-        tools.close()
+        tools.close(keep=clean)
         for lg, handler, propagate in undo:
             lg.removeHandler(handler)
             lg.propagate = propagate

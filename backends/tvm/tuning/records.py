@@ -26,8 +26,13 @@ def mean_seconds(run_secs: Any) -> float | None:
 
 
 def search_trials(db: ms.database.Database, workload: Any) -> int:
-    """How many search trials the database holds for ``workload`` (failed ones included)."""
-    return sum(1 for rec in db.get_all_tuning_records() if rec.workload.same_as(workload) and is_search(rec))
+    """How many search trials the database holds for ``workload`` (failed ones included).
+
+    Every record of the workload but one default-schedule record: the search can measure a
+    candidate whose trace has no sampling instruction (its population is seeded from the
+    database's best records, the default's among them), and that is a trial too."""
+    recs = [rec for rec in db.get_all_tuning_records() if rec.workload.same_as(workload)]
+    return len(recs) - min(1, sum(1 for rec in recs if not is_search(rec)))
 
 
 def best_record(database: ms.database.Database, workload: Any) -> tuple[float | None, str]:

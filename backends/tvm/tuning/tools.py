@@ -4,6 +4,7 @@ Ctrl-C watch that tells an interrupt from an error inside MetaSchedule's C++ loo
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from pathlib import Path
@@ -137,9 +138,28 @@ class SigintWatch:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
 
+#: local builders and runners kept between ``tune`` calls of one process, by configuration: each
+#: new worker pool costs ~10-15 s of start-up here (every worker imports TVM), and a process that
+#: tunes block after block (``dcgraph bench op --tune``, a test session) would pay it every call.
+#: Over RPC nothing is kept (the tracker and its devices change between calls).
+_KEPT: dict[tuple, Any] = {}
+
+
+def _release_kept() -> None:
+    for obj in _KEPT.values():
+        if isinstance(obj, Runner):
+            obj.shutdown()
+    _KEPT.clear()
+
+
+atexit.register(_release_kept)
+
+
 class Tools:
     """Builder, runner and cost model, made on first use (a resumed run with nothing left to tune
-    needs none of them and skips their ~10 s of worker start-up)."""
+    needs none of them and skips their ~10 s of worker start-up). A local builder and runner
+    are kept for the next ``tune`` call of this process (:data:`_KEPT`) unless the run was
+    interrupted or failed (:meth:`close`)."""
 
     def __init__(self, target: tvm.target.Target, tuning_target: tvm.target.Target,
                  rpc: tuple[str, int, str] | None, workers: int, timeout: float, cost_model: str) -> None:
@@ -153,15 +173,25 @@ class Tools:
     def builder(self) -> ms.builder.LocalBuilder:
         if self._builder is None:
             arm = targets_.is_arm(self.target) and not targets_.runs_here(self.target)
-            self._builder = ms.builder.LocalBuilder(f_build=build, f_export=export_arm if arm else export,
-                                                    max_workers=self.ncpu, timeout_sec=120)
+            key = ("builder", arm, self.ncpu)
+            if key not in _KEPT:
+                _KEPT[key] = ms.builder.LocalBuilder(f_build=build, f_export=export_arm if arm else export,
+                                                     max_workers=self.ncpu, timeout_sec=120)
+            self._builder = _KEPT[key]
         return self._builder
 
     @property
     def runner(self) -> Runner:
         if self._runner is None:
             evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20 if self.rpc else 50)
-            self._runner = Runner(self.rpc, self.workers, self.timeout, evaluator)
+            if self.rpc:
+                self._runner = Runner(self.rpc, self.workers, self.timeout, evaluator)
+            else:
+                key = ("runner", self.workers, self.timeout)
+                if key not in _KEPT:
+                    _KEPT[key] = Runner(None, self.workers, self.timeout, evaluator)
+                self._runner = _KEPT[key]
+                self._runner.reference = None
         return self._runner
 
     @property
@@ -177,6 +207,11 @@ class Tools:
             self._references[task.name] = str(write_reference(task, scratch))
         self.runner.reference = self._references[task.name]
 
-    def close(self) -> None:
-        if self._runner is not None:
+    def close(self, keep: bool = True) -> None:
+        """Shut down what this run made; a kept local builder/runner stays up for the next run
+        unless ``keep`` is False (an interrupted or failed run: its workers may be mid-job)."""
+        if self._runner is not None and (not keep or self._runner not in _KEPT.values()):
             self._runner.shutdown()
+        if not keep:
+            for key in [k for k, v in _KEPT.items() if v is self._runner or v is self._builder]:
+                del _KEPT[key]
