@@ -80,6 +80,26 @@ def test_every_kernel_of_a_blocked_resnet_is_scheduled():
     assert [k.name for k in report if k.schedule == "none"] == []
 
 
+@pytest.mark.parametrize("lanes", [16, 8])
+def test_from_blocked_is_a_tiled_transpose_and_exact(lanes):
+    """The way out of the blocked layout gets its own rule (not the injective order) and
+    unpacks every element where ``from_blocked`` says."""
+    from tvm import te
+
+    from dcgraph.backends.tvm.schedules import apply_cpu_rules
+
+    xb = te.placeholder((2, 3, 5, 70, lanes), name="xb")
+    func = te.create_prim_func([xb, kb.from_blocked(xb)])
+    name, sch = apply_cpu_rules(tvm.IRModule({"main": func}), lanes)
+    assert name == "from_blocked"
+    lib = tvm.compile(sch.mod, target=HOST)
+    a = np.random.default_rng(0).standard_normal((2, 3, 5, 70, lanes)).astype("float32")
+    out = tvm.runtime.tensor(np.zeros((2, 3 * lanes, 5, 70), "float32"))
+    lib(tvm.runtime.tensor(a), out)
+    want = a.transpose(0, 1, 4, 2, 3).reshape(2, 3 * lanes, 5, 70)
+    np.testing.assert_array_equal(out.numpy(), want)
+
+
 def _targets() -> list:
     out = [pytest.param("skylake-avx512", marks=pytest.mark.skipif(
         "avx512f" not in HOST_FEATURES, reason="this CPU has no AVX-512")),

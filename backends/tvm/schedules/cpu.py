@@ -34,6 +34,7 @@ from .cpu_blocked import (
     schedule_blocked_depthwise,
     schedule_blocked_shift,
     schedule_channel_reduction,
+    schedule_from_blocked,
     schedule_injective,
     schedule_matmul,
 )
@@ -196,6 +197,7 @@ CPU_RULES: tuple[tuple[str, Callable[[Schedule, int], bool]], ...] = (
     ("two_pass", schedule_two_pass_cpu),
     ("channel_reduction", schedule_channel_reduction),
     ("matmul", schedule_matmul),
+    ("from_blocked", schedule_from_blocked),
     ("injective", schedule_injective),
     ("parallel", schedule_parallel_cpu),
 )

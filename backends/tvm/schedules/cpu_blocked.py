@@ -209,6 +209,42 @@ def _spatial_only(sch: Schedule, block) -> bool:
     return all(k == 0 for k in iter_kinds(sch, block))
 
 
+def schedule_from_blocked(sch: Schedule, lanes: int = 16) -> bool:
+    """``from_blocked`` (``(N, C/cb, H, W, cb) -> (N, C, H, W)``, where a model leaves the blocked
+    layout) as a tiled transpose: the channel loop split into ``(C/cb, cb)`` and the loops ordered
+    ``n, C/cb, h | cb, w``, so one parallel iteration reads one ``W x cb`` row block of the input
+    (in L1) and writes ``cb`` contiguous output rows, ``w`` vectorised. The plain injective order
+    (``n, c, h, w``) read every input cache line ``cb`` times, from L2: 0.31 ms where the conv
+    before it took 0.30 (MobileNetV2's 144-channel expand at 56 px)."""
+    if not has_root(sch):
+        return False
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    if len(blocks) != 1 or sch.get(blocks[0]).name_hint != "from_blocked":
+        return False
+    block = blocks[0]
+    func = sch.mod["main"]
+    loops = sch.get_loops(block)
+    if len(func.params) != 2 or len(loops) != 4:
+        return False
+    shape = func.params[0].shape
+    if len(shape) != 5:
+        return False
+    cb = int(shape[-1])
+    n, c, h, w = loops
+    if cb == 1:
+        return False
+    k, ci = sch.split(c, [None, cb])
+    sch.reorder(n, k, h, ci, w)
+    sch.parallel(sch.fuse(n, k, h))
+    ext = extent(sch, w)
+    if ext is not None and ext > 4 * lanes:
+        _, w = sch.split(w, [None, lanes])
+        ext = lanes
+    if ext is not None and ext >= 4:
+        sch.vectorize(w)
+    return True
+
+
 def schedule_injective(sch: Schedule, lanes: int = 16) -> bool:
     """Every block elementwise or a layout change (``to_blocked``, a residual add, relu, a
     Squeeze-Excitation scale): all but the last inlined, its outer loops fused and parallel,
