@@ -58,24 +58,24 @@ def test_export_load_round_trip_matches_torch(tmp_path):
         loaded(torch.randn(1, 3, 32, 32))
 
 
-def test_compile_onnx_file(tmp_path):
+def test_compile_onnx_file(tmp_path, capsys):
     from dcgraph.onnx_export import export_onnx
     from dcgraph.onnx_tools import save_atomic
 
     model = zoo.randomize_norm_stats(zoo.resnet18_like(width=8)).eval()
     path = tmp_path / "r.onnx"
     save_atomic(export_onnx(model, torch.randn(1, 3, 32, 32)), str(path))
-    res = _run(str(path), "--input-shape", "1,3,32,32")
-    assert res.returncode == 0, res.stderr
-    assert "verified here" in res.stdout
+    assert cli_main(["compile", str(path), "--input-shape", "1,3,32,32"]) == 0
+    assert "verified here" in capsys.readouterr().out
 
 
-def test_compile_cuda_here_writes_a_library(tmp_path):
-    """No GPU here: the CUDA library is generated and written, not run."""
+def test_compile_cuda_here_writes_a_library(tmp_path, capsys):
+    """No GPU here: the CUDA library is generated and written, not run (in-process; the x86
+    command above runs as a user runs it)."""
     out = tmp_path / "r_cuda.so"
-    res = _run("resnet18", "--target", "cuda", "--input-shape", "1,3,32,32", "-o", str(out))
-    assert res.returncode == 0, res.stderr
-    assert "cuda sm_90" in res.stdout and out.is_file()
+    args = ["compile", "resnet18", "--target", "cuda", "--input-shape", "1,3,32,32", "-o", str(out)]
+    assert cli_main(args) == 0
+    assert "cuda sm_90" in capsys.readouterr().out and out.is_file()
 
 
 @pytest.mark.parametrize(("args", "message"), [
