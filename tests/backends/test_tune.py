@@ -221,6 +221,18 @@ def _servers(tracker, n: int, key: str):
     return servers
 
 
+def test_a_tracker_without_devices_fails_at_once_with_the_reason(tmp_path):
+    from dcgraph.backends.tvm.remote.rpc import Tracker
+
+    kw = dict(trials=4, db=tmp_path / "db", key="x86-test", progress=False)
+    with Tracker() as tracker, pytest.raises(TuneError, match="no RPC server with key 'x86-test'"):
+        tune(block(), TARGET, example(), rpc=tracker.address, **kw)
+    with pytest.raises(TuneError, match="not reachable"):  # the tracker is gone
+        tune(block(), TARGET, example(), rpc=tracker.address, **kw)
+
+
+@pytest.mark.slow  # two RPC servers started and measuring: ~50 s (kernels run over RPC on the
+# emulated ARM server in the default suite: test_tvm_arm.py, test_whole_models.py)
 def test_rpc_tracker_and_two_servers_measure(tmp_path):
     from dcgraph.backends.tvm.remote.rpc import Tracker
 
@@ -242,9 +254,6 @@ def test_rpc_tracker_and_two_servers_measure(tmp_path):
         finally:
             for s in servers:
                 s.stop()
-    # with no device at all, tuning fails at once with the reason
-    with pytest.raises(TuneError, match="not reachable"):
-        tune(block(), TARGET, example(), trials=4, db=db, rpc=tracker.address, key="x86-test", progress=False)
 
 
 @pytest.mark.slow  # waits for the dead devices' measurements to fail: ~100 s
