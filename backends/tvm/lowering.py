@@ -4,7 +4,9 @@
 kernels (see :mod:`.kernels`): the hoisted per-sample shift from ``x``, then the conv with
 the scale/shift/activation epilogue. ``plan="two_pass"`` emits the conv, then a mean over
 its output and the epilogue instead. ``plan="auto"`` (the default) picks per conv:
-``two_pass`` for depthwise convs (one input channel per output channel), ``hoisted`` otherwise.
+``two_pass`` for depthwise convs (one input channel per output channel), for convs whose
+weight outweighs their output and for 1x1 convs whose input is at least twice their output
+(see :func:`choose_plan`), ``hoisted`` otherwise.
 
 Why: the hoisted shift reads ``x`` once per kernel tap (box sums), a small cost next to a
 conv that does ``C_in/groups * k^2`` MACs per output but as large as the conv itself when
