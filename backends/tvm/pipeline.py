@@ -15,6 +15,7 @@ from tvm import relax, tirx
 from tvm.relax.backend.cpu_generic import pipeline as cpu_backend
 from tvm.relax.backend.cuda import pipeline as cuda_backend
 
+from .fast_math import legalize_sigmoid
 from .layout import block_layout
 from .lowering import kernel_origin
 from .schedules import SCHEDULED, DefaultSchedule, is_tuned, vector_lanes
@@ -35,6 +36,12 @@ def uses_blocked(target: tvm.target.Target, layout: str = "auto") -> bool:
     return layout != "nchw" and not is_gpu(target)
 
 
+def _legalize_map(target: tvm.target.Target) -> dict:
+    """dcgraph's legalizations in place of TVM's: on CPU targets float32 ``sigmoid`` becomes the
+    vectorisable polynomial of :mod:`.fast_math` (TVM's calls scalar ``expf`` per element)."""
+    return {} if is_gpu(target) else {"relax.sigmoid": legalize_sigmoid}
+
+
 def fuse(mod: tvm.IRModule, target: tvm.target.Target, layout: str = "auto") -> tvm.IRModule:
     """Legalize and fuse ``mod``: its PrimFuncs are then the kernels that get tuned or scheduled
     (what :mod:`.tuning` extracts as tasks, and what :func:`optimize` schedules). ``layout``:
@@ -43,7 +50,7 @@ def fuse(mod: tvm.IRModule, target: tvm.target.Target, layout: str = "auto") -> 
         mod = block_layout(mod, vector_lanes(target))
     passes = [
         *_backend(target).library_dispatch_passes(target),
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(customize_legalize_map=_legalize_map(target)),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),

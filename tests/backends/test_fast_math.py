@@ -114,3 +114,29 @@ def test_silu_activation_has_no_expf_call(dtype):
         assert "zmm" in asm or "ymm" in asm or "xmm" in asm
     else:
         assert exp_calls  # float64 keeps libm's exp
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_relax_sigmoid_is_legalized_with_the_fast_polynomial(dtype):
+    """A model's own ``sigmoid`` (swish spelled ``x * sigmoid(x)``, Squeeze-Excitation gates) goes
+    through dcgraph's CPU pipeline as :func:`fast_math.fast_sigmoid` in float32: the values
+    match, and the compiled kernel calls no scalar ``exp``; float64 keeps TVM's (libm's)."""
+    from tvm import relax
+
+    from dcgraph.backends.tvm.pipeline import relax_pipeline
+
+    target = targets.resolve("x86")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 32, 9, 9), dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(bb.emit(relax.op.multiply(x, relax.op.sigmoid(x))))
+        bb.emit_func_output(y)
+    ex = tvm.compile(bb.get(), target=target, relax_pipeline=relax_pipeline(target))
+    a = np.random.default_rng(0).uniform(-30, 30, (4, 32, 9, 9)).astype(dtype)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(a)).numpy()
+    want = a.astype("float64") / (1.0 + np.exp(-a.astype("float64")))
+    assert np.abs(got - want).max() <= 2e-6 * max(1.0, np.abs(want).max())
+    exp_calls = re.findall(r"call\w*\s+\w*exp\w*", ex.mod.imports[0].inspect_source("asm")
+                           if ex.mod.imports else "")
+    assert (exp_calls == []) == (dtype == "float32"), exp_calls
