@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -102,9 +103,7 @@ def choose_plan(w: relax.Expr, groups: int, x: relax.Expr | None = None,
         per_group = shape[1]
     except (AttributeError, TypeError, IndexError, ValueError):
         return "hoisted"
-    taps = 1
-    for k in shape[2:]:
-        taps *= k
+    taps = math.prod(shape[2:])
     if groups > 1 and per_group == 1:
         return "two_pass"
     try:
@@ -113,21 +112,15 @@ def choose_plan(w: relax.Expr, groups: int, x: relax.Expr | None = None,
                                   conv["dilation"])
     except (AttributeError, TypeError, ValueError, KeyError):  # a symbolic size: keep one pass
         return "hoisted"
-    pixels = xs[0]
-    for o in out:
-        pixels *= o
-    if per_group * taps > 2 * pixels:
+    out_map = math.prod(out)
+    if per_group * taps > 2 * xs[0] * out_map:
         return "two_pass"
-    if taps == 1 and groups == 1:
-        # a 1x1 conv's hoisted mean is one more pass over its whole input; the two-pass plan's
-        # second pass is over the output (read and rewritten): the smaller wins. Measured (blocked,
-        # 2-core AVX-512, batch 1 / 8): 144->24 and 240->40 projections 3-12% faster two-pass,
-        # 24->144 expansions 16-33% faster hoisted, the 64->128 stride-2 downsample even.
-        inputs = xs[1]
-        for d in xs[2:]:
-            inputs *= d
-        if inputs >= 2 * int(shape[0]) * (pixels // xs[0]):
-            return "two_pass"
+    # a 1x1 conv's hoisted mean is one more pass over its whole input; the two-pass plan's second
+    # pass is over the output (read and rewritten): the smaller wins. Measured (blocked, 2-core
+    # AVX-512, batch 1 / 8): 144->24 and 240->40 projections 3-12% faster two-pass, 24->144
+    # expansions 16-33% faster hoisted, the 64->128 stride-2 downsample even.
+    if taps == 1 and groups == 1 and math.prod(xs[1:]) >= 2 * shape[0] * out_map:
+        return "two_pass"
     return "hoisted"
 
 

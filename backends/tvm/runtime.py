@@ -276,10 +276,13 @@ class _Shared:
         self.spans = spans  # the inputs' [start, end) bytes
 
     def __call__(self, t: tvm.runtime.Tensor) -> torch.Tensor | np.ndarray:
-        out = torch.from_dlpack(t) if self.as_torch else np.from_dlpack(t)
-        lo = out.data_ptr() if self.as_torch else out.ctypes.data
-        hi = lo + out.nbytes if not self.as_torch else lo + out.numel() * out.element_size()
-        if any(lo < b and a < hi for a, b in self.spans):
+        if self.as_torch:
+            out = torch.from_dlpack(t)
+            lo, size = out.data_ptr(), out.numel() * out.element_size()
+        else:
+            out = np.from_dlpack(t)
+            lo, size = out.ctypes.data, out.nbytes
+        if any(lo < b and a < lo + size for a, b in self.spans):
             return out.clone() if self.as_torch else out.copy()
         return out
 

@@ -176,7 +176,7 @@ def test_wrong_results_are_reported_and_never_used(tmp_path, monkeypatch):
     assert {k.name: k.schedule for k in compiled.kernels}["dc_conv"] == "default"
 
 
-@pytest.mark.slow  # a CLI process tuning 8 trials, killed, then resumed: ~100 s
+@pytest.mark.slow  # a CLI process tuning 12 trials, killed after 8, then resumed: ~100 s
 def test_a_killed_tuning_process_keeps_its_records_and_resumes(tmp_path):
     db = tmp_path / "db"
     rec = database_dir(db, TARGET) / "database_tuning_record.json"

@@ -210,7 +210,8 @@ class Tools:
     def close(self, keep: bool = True) -> None:
         """Shut down what this run made; a kept local builder/runner stays up for the next run
         unless ``keep`` is False (an interrupted or failed run: its workers may be mid-job)."""
-        if self._runner is not None and (not keep or self._runner not in _KEPT.values()):
+        kept = any(v is self._runner for v in _KEPT.values())
+        if self._runner is not None and (not keep or not kept):
             self._runner.shutdown()
         if not keep:
             for key in [k for k, v in _KEPT.items() if v is self._runner or v is self._builder]:
