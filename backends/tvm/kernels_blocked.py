@@ -12,7 +12,9 @@ compile time, as ``OIHW[x]i[y]o``: :func:`pack_weight`), and writes the Deep Con
 - :func:`hoisted_shift` is :func:`.kernels.hoisted_shift` (spec section 3) reading a blocked ``x``;
   it returns the unblocked ``(N, C_out)`` shift.
 - :func:`depthwise` (one input channel per output channel) vectorises over the channel block;
-  :func:`deep_control` is the two-pass form on a blocked ``y`` (map sum, then epilogue).
+  :func:`deep_control` is the two-pass form on a blocked ``y`` (map sum, then epilogue);
+  :func:`depthwise_deep_control` the two in one kernel (a depthwise channel's mean needs only
+  its own map).
 - :func:`to_blocked` / :func:`from_blocked` are the layout changes at the graph's edges
   (:mod:`.layout` places them).
 
@@ -29,8 +31,8 @@ from tvm import te, tirx
 
 from .kernels import _tap_sum, activation, output_size
 
-__all__ = ["channel_block", "conv", "deep_control", "depthwise", "from_blocked", "hoisted_shift",
-           "pack_depthwise", "pack_mean_weight", "pack_weight", "to_blocked"]
+__all__ = ["channel_block", "conv", "deep_control", "depthwise", "depthwise_deep_control", "from_blocked",
+           "hoisted_shift", "pack_depthwise", "pack_mean_weight", "pack_weight", "to_blocked"]
 
 
 def channel_block(channels: int, lanes: int) -> int:
@@ -123,12 +125,10 @@ def conv(xb: te.Tensor, wp: te.Tensor, scale: te.Tensor | None, shift: te.Tensor
     return _epilogue(acc, scale, shift, act, negative_slope)
 
 
-def depthwise(xb: te.Tensor, wp: te.Tensor, scale: te.Tensor | None, shift: te.Tensor | None, *,
-              stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], act: str = "identity",
-              negative_slope: float = 0.01) -> te.Tensor:
-    """Blocked depthwise conv ``y[n, k, y, z, j] = sum_{r, s} x[n, c, ...] * W[c, 0, r, s]``
-    (``c = k*cb + j``) with the epilogue of :func:`conv`, vectorised over the channel block; ``wp`` packed by
-    :func:`pack_depthwise`."""
+def _depthwise_sum(xb: te.Tensor, wp: te.Tensor, stride: Sequence[int], padding: Sequence[int],
+                   dilation: Sequence[int]) -> te.Tensor:
+    """The raw blocked depthwise conv
+    ``sum_{r, s} x[n, c, y*sh + r*dh - ph, z*sw + s*dw - pw] * W[c, 0, r, s]``."""
     n, _, h, w, _ = xb.shape
     k_, kh, kw, cb = (int(d) for d in wp.shape)
     ho, wo = output_size([int(h), int(w)], [kh, kw], stride, padding, dilation)
@@ -136,12 +136,33 @@ def depthwise(xb: te.Tensor, wp: te.Tensor, scale: te.Tensor | None, shift: te.T
     rh = te.reduce_axis((0, kh), name="rh")
     rw = te.reduce_axis((0, kw), name="rw")
     (sh, sw), (dh, dw) = stride, dilation
-    acc = te.compute(
+    return te.compute(
         (n, k_, ho, wo, cb),
         lambda i, k, y, z, j: te.sum(xp[i, k, y * sh + rh * dh, z * sw + rw * dw, j] * wp[k, rh, rw, j],
                                      axis=[rh, rw]),
         name="blocked_conv")
+
+
+def depthwise(xb: te.Tensor, wp: te.Tensor, scale: te.Tensor | None, shift: te.Tensor | None, *,
+              stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], act: str = "identity",
+              negative_slope: float = 0.01) -> te.Tensor:
+    """Blocked depthwise conv ``y[n, k, y, z, j] = sum_{r, s} x[n, c, ...] * W[c, 0, r, s]``
+    (``c = k*cb + j``) with the epilogue of :func:`conv`, vectorised over the channel block; ``wp`` packed by
+    :func:`pack_depthwise`."""
+    acc = _depthwise_sum(xb, wp, stride, padding, dilation)
     return _epilogue(acc, scale, shift, act, negative_slope)
+
+
+def depthwise_deep_control(xb: te.Tensor, wp: te.Tensor, a: te.Tensor, g: te.Tensor, b: te.Tensor, *,
+                           stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                           act: str = "identity", negative_slope: float = 0.01) -> te.Tensor:
+    """Depthwise conv + two-pass Deep Control in one kernel: ``act(g * (y - a * mean_S(y)) + b)``
+    with ``y`` = :func:`depthwise`'s raw sum. A channel's mean reads only its own output map, so
+    the schedule (:func:`.schedules.cpu_blocked.schedule_blocked_depthwise_dc`) computes one
+    channel block's whole map into a scratch tile that stays in cache, sums it and writes the
+    epilogue: the output crosses memory once (two kernels wrote the raw map and read it back)."""
+    acc = _depthwise_sum(xb, wp, stride, padding, dilation)
+    return deep_control(acc, a, g, b, act, negative_slope)
 
 
 def pack_mean_weight(w: np.ndarray, cbo: int) -> np.ndarray:

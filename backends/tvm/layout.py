@@ -11,6 +11,10 @@ global mean, a channel concat. Each rewritten value keeps its ``NCHW`` form as a
 that need ``NCHW`` (a reshape, a matmul, a conv without Deep Control). Weights are packed
 once here, as constants (never per call).
 
+A depthwise conv's two-pass plan (raw conv, then map sum and epilogue) becomes one kernel
+(:func:`.kernels_blocked.depthwise_deep_control`): a depthwise channel's mean reads only its own
+map, which one parallel iteration computes and keeps in cache.
+
 One forward walk in program order; a value's blocked form is remembered, so a tensor is
 blocked at most once however many convs read it. Convs this does not cover (1-d/3-d, grouped
 but not depthwise, symbolic sizes) keep their ``NCHW`` kernels.
@@ -66,6 +70,8 @@ class _Blocker(PyExprMutator):
         self.mod_ = mod
         self.lanes = lanes
         self.blocked: dict[relax.Var, relax.Var] = {}  # NCHW var (new program) -> its blocked twin
+        # a blocked raw depthwise conv -> what makes it (its two-pass epilogue is fused with it)
+        self.depthwise_raw: dict[relax.Var, tuple[relax.Var, relax.Expr, dict[str, Any]]] = {}
         self.count = 0
 
     # -- helpers ---------------------------------------------------------------------------
@@ -160,8 +166,14 @@ class _Blocker(PyExprMutator):
             y = ins[0]
             if y not in self.blocked:
                 return None
-            out = self._emit(kb.deep_control, self.blocked[y], *ins[1:], name="dc_two_pass", kind=kind,
-                             act=p["act"], negative_slope=p["negative_slope"])
+            epi = {"act": p["act"], "negative_slope": p["negative_slope"]}
+            raw = self.depthwise_raw.get(self.blocked[y])
+            if raw is not None:  # one kernel: the raw conv is left to dead code unless read elsewhere
+                xb, wp, conv = raw
+                out = self._emit(kb.depthwise_deep_control, xb, wp, *ins[1:], name="dc_depthwise_two_pass",
+                                 kind="dc_depthwise_two_pass", **conv, **epi)
+                return self._unblock(out)
+            out = self._emit(kb.deep_control, self.blocked[y], *ins[1:], name="dc_two_pass", kind=kind, **epi)
             return self._unblock(out)
         x, w = ins[0], ins[1]
         xs, ws = _static_shape(x), _static_shape(w)
@@ -196,6 +208,8 @@ class _Blocker(PyExprMutator):
         elif kind == "dc_conv_raw":
             out = self._emit(lambda x_, w_, **kw: fn(x_, w_, None, None, **kw), xb, wp, name="dc_conv_raw",
                              kind=kind, **conv)
+            if depthwise:
+                self.depthwise_raw[out] = (xb, wp, conv)
         else:
             return None
         return self._unblock(out)

@@ -15,6 +15,7 @@ from dcgraph.backends.tvm import targets
 from dcgraph.backends.tvm.frontends import prepare
 from dcgraph.backends.tvm.layout import block_layout, blocked_kernels
 from dcgraph.backends.tvm.pipeline import kernel_report, optimize, relax_pipeline
+from dcgraph.backends.tvm.schedules.common import SCHEDULED
 from dcgraph.backends.tvm.schedules.cpu import cpu_features
 from dcgraph.testing import ConvCase, live_mean
 from tests.backends.tvm_cases import RTOL, case_module, relative_error
@@ -137,3 +138,17 @@ def test_a_blocked_resnet_matches_the_eager_model():
         want = model(x).numpy()
     got = _run(mod, HOST, [x.numpy()])
     assert relative_error(got, want) < RTOL
+
+
+def test_a_depthwise_two_pass_is_one_kernel_and_exact():
+    """A depthwise conv's raw conv and its two-pass epilogue become one blocked kernel
+    (``dc_depthwise_two_pass``, scheduled by its own rule), with the reference's result."""
+    case = next(c for c in CASES if c.name == "c32_dw")
+    mod, inputs, want = case_module(case, "two_pass")
+    names = blocked_kernels(block_layout(mod, 16))
+    assert any(n.startswith("dc_depthwise_two_pass") for n in names)
+    assert not any(n.startswith(("dc_conv_raw", "dc_two_pass")) for n in names)
+    rules = [str(f.attrs[SCHEDULED]) for gv, f in optimize(mod, HOST).functions_items()
+             if gv.name_hint.startswith("dc_depthwise_two_pass")]
+    assert rules == ["blocked_depthwise_dc"]
+    assert relative_error(_run(mod, HOST, inputs), want) < RTOL

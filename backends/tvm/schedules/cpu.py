@@ -32,6 +32,7 @@ from .common import SCHEDULED, conv_stages, extent, has_root, iter_kinds
 from .cpu_blocked import (
     schedule_blocked_conv,
     schedule_blocked_depthwise,
+    schedule_blocked_depthwise_dc,
     schedule_blocked_shift,
     schedule_channel_reduction,
     schedule_from_blocked,
@@ -191,6 +192,7 @@ def schedule_parallel_cpu(sch: Schedule, lanes: int = 8) -> bool:
 #: (``dcgraph.schedule`` = the rule's name). ``compile`` and ``tune`` both go through this list.
 CPU_RULES: tuple[tuple[str, Callable[[Schedule, int], bool]], ...] = (
     ("blocked_conv", schedule_blocked_conv),
+    ("blocked_depthwise_dc", schedule_blocked_depthwise_dc),
     ("blocked_depthwise", schedule_blocked_depthwise),
     ("blocked_shift", schedule_blocked_shift),
     ("conv", schedule_conv_cpu),

@@ -143,6 +143,62 @@ def schedule_blocked_depthwise(sch: Schedule, lanes: int = 16) -> bool:
     return True
 
 
+def schedule_blocked_depthwise_dc(sch: Schedule, lanes: int = 16) -> bool:
+    """Depthwise conv + two-pass Deep Control in one kernel
+    (:func:`..kernels_blocked.depthwise_deep_control`): ``(n, c_chunk)`` parallel; in each
+    iteration, per output row, the padded input rows it reads; the channel block's conv
+    map (the :func:`schedule_blocked_depthwise` tile: ``reg_n`` columns x the vector channel block
+    in registers, the taps around them) written to a scratch map that stays in cache, the map
+    sum (vectorised over the block) and the epilogue (with any elementwise op fused after it)
+    over that map. The output is written once; the input is read once."""
+    names = _names(sch)
+    if "blocked_conv" not in names or "map_sum" not in names:
+        return False
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    conv, msum = blocks[names.index("blocked_conv")], blocks[names.index("map_sum")]
+    if iter_kinds(sch, conv).count(2) != 2 or names.index("map_sum") < names.index("blocked_conv"):
+        return False
+    producers = blocks[:names.index("blocked_conv")]
+    after = blocks[names.index("map_sum") + 1:]
+    if not after or not all(_spatial_only(sch, b) for b in [*producers, *after]):
+        return False
+    for block in after[:-1]:
+        sch.compute_inline(block)
+    out = after[-1]
+    loops = sch.get_loops(out)
+    if len(loops) != 5:
+        return False
+    n, k, _, _, j = loops
+    par = sch.fuse(n, k)
+    sch.parallel(par)
+    sch.vectorize(j)
+    sch.compute_at(msum, par, preserve_unit_loops=True)
+    sch.compute_at(conv, par, preserve_unit_loops=True)
+    # the map sum: (j | s0, s1) -> (s0, s1 | j), j vectorised
+    sloops = sch.get_loops(msum)
+    sj, s0, s1 = sloops[-3:]
+    sch.reorder(s0, s1, sj)
+    sch.vectorize(sj)
+    sinit = sch.decompose_reduction(msum, s0)
+    sch.vectorize(sch.get_loops(sinit)[-1])
+    # the conv tile
+    oh, ow, c, rh, rw = sch.get_loops(conv)[-5:]
+    reg_n = _largest_divisor(extent(sch, ow), 8)
+    owo, owi = sch.split(ow, [None, reg_n])
+    sch.reorder(oh, owo, rh, rw, owi, c)
+    tile = sch.cache_write(conv, 0, "local")
+    sch.reverse_compute_at(tile, owo, preserve_unit_loops=True)
+    _pad_per_row(sch, producers, oh, lanes)
+    sch.unroll(rh)
+    sch.unroll(rw)
+    sch.unroll(owi)
+    sch.vectorize(c)
+    init = sch.decompose_reduction(conv, rh)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(tile)[-1])
+    return True
+
+
 def channel_block(channels: int, lanes: int) -> int:
     """The largest of ``lanes, lanes/2, ..., 1`` dividing ``channels`` (as :mod:`..kernels_blocked`)."""
     cb = lanes
