@@ -1,6 +1,6 @@
 """The Relax compilation pipeline: TVM's own passes plus dcgraph's default schedules.
 
-``legalize -> annotate -> fold constants -> FuseOps -> FuseTIR -> [tuned records] ->
+``[blocked layout (CPU)] -> legalize -> annotate -> fold constants -> FuseOps -> FuseTIR -> [tuned records] ->
 default schedules -> TVM's lowering``. Tuned records (a MetaSchedule database) win where
 they match; every other PrimFunc gets the rules of :mod:`.schedules` (CPU or GPU), and
 :func:`kernel_report` says which kernel got what.
@@ -18,6 +18,7 @@ from tvm.relax.backend.cuda import pipeline as cuda_backend
 from .fast_math import legalize_sigmoid
 from .layout import block_layout
 from .lowering import kernel_origin
+from .pixel_matmul import legalize_conv2d
 from .schedules import SCHEDULED, DefaultSchedule, is_tuned, vector_lanes
 from .targets import is_gpu
 
@@ -37,9 +38,12 @@ def uses_blocked(target: tvm.target.Target, layout: str = "auto") -> bool:
 
 
 def _legalize_map(target: tvm.target.Target) -> dict:
-    """dcgraph's legalizations in place of TVM's: on CPU targets float32 ``sigmoid`` becomes the
-    vectorisable polynomial of :mod:`.fast_math` (TVM's calls scalar ``expf`` per element)."""
-    return {} if is_gpu(target) else {"relax.sigmoid": legalize_sigmoid}
+    """dcgraph's legalizations in place of TVM's, on CPU targets: float32 ``sigmoid`` becomes the
+    vectorisable polynomial of :mod:`.fast_math` (TVM's calls scalar ``expf`` per element), a
+    conv on one pixel per sample a matmul (:mod:`.pixel_matmul`)."""
+    if is_gpu(target):
+        return {}
+    return {"relax.sigmoid": legalize_sigmoid, "relax.nn.conv2d": legalize_conv2d}
 
 
 def fuse(mod: tvm.IRModule, target: tvm.target.Target, layout: str = "auto") -> tvm.IRModule:

@@ -7,7 +7,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir import Schedule
 
 __all__ = ["IS_SCHEDULED", "SCHEDULED", "conv_stages", "extent", "find_conv_block", "has_root", "is_tuned",
-           "iter_kinds", "marked_scheduled"]
+           "iter_kinds", "largest_divisor", "marked_scheduled",
+           "spatial_only"]
 
 #: set on a PrimFunc by dcgraph's default rules (the value names the rule)
 SCHEDULED = "dcgraph.schedule"
@@ -73,3 +74,16 @@ def conv_stages(sch: Schedule):
     for block in consumers[:-1]:
         sch.compute_inline(block)
     return conv, producers, consumers[-1:]
+
+
+def largest_divisor(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` not above ``limit`` (1 at least)."""
+    for d in range(min(n, limit), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def spatial_only(sch: Schedule, block) -> bool:
+    """Whether every loop of ``block`` is spatial (no reduction)."""
+    return all(k == 0 for k in iter_kinds(sch, block))

@@ -34,6 +34,8 @@ from .cpu_blocked import (
     schedule_blocked_depthwise,
     schedule_blocked_depthwise_dc,
     schedule_blocked_shift,
+)
+from .cpu_other_ops import (
     schedule_channel_reduction,
     schedule_from_blocked,
     schedule_injective,

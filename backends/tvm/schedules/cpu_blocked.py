@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from tvm.s_tir import Schedule
 
-from .common import conv_stages, extent, has_root, iter_kinds
+from .common import conv_stages, extent, has_root, iter_kinds, largest_divisor, spatial_only
 
 
 def max_accumulators(lanes: int) -> int:
@@ -31,22 +31,15 @@ def max_accumulators(lanes: int) -> int:
     return 8 if lanes == 8 else 16
 
 
-def _largest_divisor(n: int, limit: int) -> int:
-    for d in range(min(n, limit), 0, -1):
-        if n % d == 0:
-            return d
-    return 1
-
-
 def conv_tile(wo: int, oc_chunks: int, cb: int, lanes: int) -> tuple[int, int]:
     """``(reg_n, oc_tile)``: output columns and channel blocks per register tile."""
     vecs = max(1, cb // lanes) if cb >= lanes else 1
     budget = max_accumulators(lanes)
     oc_tile = 2 if oc_chunks % 2 == 0 and 2 * vecs * 4 <= budget else 1
-    reg_n = _largest_divisor(wo, budget // (oc_tile * vecs))
+    reg_n = largest_divisor(wo, budget // (oc_tile * vecs))
     if reg_n < 4 and oc_tile == 2:  # a narrow row: spend the registers on columns instead
         oc_tile = 1
-        reg_n = _largest_divisor(wo, budget // vecs)
+        reg_n = largest_divisor(wo, budget // vecs)
     return reg_n, oc_tile
 
 
@@ -124,7 +117,7 @@ def schedule_blocked_depthwise(sch: Schedule, lanes: int = 16) -> bool:
         return False
     out = consumers[-1] if consumers else sch.cache_write(conv, 0, "local")
     n, k, oh, ow, c, rh, rw = sch.get_loops(conv)
-    reg_n = _largest_divisor(extent(sch, ow), 8)
+    reg_n = largest_divisor(extent(sch, ow), 8)
     owo, owi = sch.split(ow, [None, reg_n])
     sch.reorder(n, k, oh, owo, rh, rw, owi, c)
     sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
@@ -160,7 +153,7 @@ def schedule_blocked_depthwise_dc(sch: Schedule, lanes: int = 16) -> bool:
         return False
     producers = blocks[:names.index("blocked_conv")]
     after = blocks[names.index("map_sum") + 1:]
-    if not after or not all(_spatial_only(sch, b) for b in [*producers, *after]):
+    if not after or not all(spatial_only(sch, b) for b in [*producers, *after]):
         return False
     for block in after[:-1]:
         sch.compute_inline(block)
@@ -183,7 +176,7 @@ def schedule_blocked_depthwise_dc(sch: Schedule, lanes: int = 16) -> bool:
     sch.vectorize(sch.get_loops(sinit)[-1])
     # the conv tile
     oh, ow, c, rh, rw = sch.get_loops(conv)[-5:]
-    reg_n = _largest_divisor(extent(sch, ow), 8)
+    reg_n = largest_divisor(extent(sch, ow), 8)
     owo, owi = sch.split(ow, [None, reg_n])
     sch.reorder(oh, owo, rh, rw, owi, c)
     tile = sch.cache_write(conv, 0, "local")
@@ -258,151 +251,4 @@ def schedule_blocked_shift(sch: Schedule, lanes: int = 16) -> bool:
     vec = _vector_split(sch, sloops[-1], lanes)
     if vec is not None:
         sch.vectorize(vec[1])
-    return True
-
-
-def _spatial_only(sch: Schedule, block) -> bool:
-    return all(k == 0 for k in iter_kinds(sch, block))
-
-
-def schedule_from_blocked(sch: Schedule, lanes: int = 16) -> bool:
-    """``from_blocked`` (``(N, C/cb, H, W, cb) -> (N, C, H, W)``, where a model leaves the blocked
-    layout) as a tiled transpose: the channel loop split into ``(C/cb, cb)`` and the loops ordered
-    ``n, C/cb, h | cb, w``, so one parallel iteration reads one ``W x cb`` row block of the input
-    (in L1) and writes ``cb`` contiguous output rows, ``w`` vectorised. The plain injective order
-    (``n, c, h, w``) read every input cache line ``cb`` times, from L2: 0.31 ms where the conv
-    before it took 0.30 (MobileNetV2's 144-channel expand at 56 px)."""
-    if not has_root(sch):
-        return False
-    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
-    if len(blocks) != 1 or sch.get(blocks[0]).name_hint != "from_blocked":
-        return False
-    block = blocks[0]
-    func = sch.mod["main"]
-    loops = sch.get_loops(block)
-    if len(func.params) != 2 or len(loops) != 4:
-        return False
-    shape = func.params[0].shape
-    if len(shape) != 5:
-        return False
-    cb = int(shape[-1])
-    n, c, h, w = loops
-    if cb == 1:
-        return False
-    k, ci = sch.split(c, [None, cb])
-    sch.reorder(n, k, h, ci, w)
-    sch.parallel(sch.fuse(n, k, h))
-    ext = extent(sch, w)
-    if ext is not None and ext > 4 * lanes:
-        _, w = sch.split(w, [None, lanes])
-        ext = lanes
-    if ext is not None and ext >= 4:
-        sch.vectorize(w)
-    return True
-
-
-def schedule_injective(sch: Schedule, lanes: int = 16) -> bool:
-    """Every block elementwise or a layout change (``to_blocked``, a residual add, relu, a
-    Squeeze-Excitation scale): all but the last inlined, its outer loops fused and parallel,
-    its innermost loop vectorised when it is a channel block or a multiple of the lanes."""
-    if not has_root(sch):
-        return False
-    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
-    if not blocks or not all(_spatial_only(sch, b) for b in blocks):
-        return False
-    for block in blocks[:-1]:
-        try:
-            sch.compute_inline(block)
-        except Exception:  # a block TVM cannot inline: leave the kernel to another rule
-            return False
-    last = blocks[-1]
-    loops = sch.get_loops(last)
-    if not loops:
-        return False
-    inner = loops[-1]
-    ext = extent(sch, inner)
-    outer = loops[:-1]
-    if ext is not None and ext > 4 * lanes and ext % lanes == 0:
-        o, inner = sch.split(inner, [None, lanes])
-        outer = [*outer, o]
-        ext = lanes
-    if outer:
-        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-    if ext is not None and 4 <= ext <= 4 * lanes:
-        sch.vectorize(inner)
-    return True
-
-
-def schedule_channel_reduction(sch: Schedule, lanes: int = 16) -> bool:
-    """A reduction whose innermost spatial loop is the channel block (blocked pooling, the
-    blocked global mean, the two-pass map sum): the reduction loops moved outside that loop,
-    which is vectorised; the outer spatial loops parallel; producers (padding) inlined; the
-    elementwise consumer (the two-pass epilogue over the whole map, a fused residual add) computed
-    in the same parallel iteration, so a channel block's map is summed and rewritten while it is
-    in cache (left as a loop of its own, the epilogue ran serial and scalar: 2.3 ms of
-    MobileNetV2's 13)."""
-    if not has_root(sch):
-        return False
-    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
-    red = [b for b in blocks if 2 in iter_kinds(sch, b)]
-    if len(red) != 1:
-        return False
-    block = red[0]
-    kinds = iter_kinds(sch, block)
-    loops = sch.get_loops(block)
-    if len(loops) != len(kinds) or kinds[-1] != 2:
-        return False
-    spatial = [lp for lp, k in zip(loops, kinds, strict=True) if k == 0]
-    reduce_ = [lp for lp, k in zip(loops, kinds, strict=True) if k == 2]
-    if len(spatial) < 3 or (extent(sch, spatial[-1]) or 0) not in (4, 8, 16, 32, 64):
-        return False
-    idx = blocks.index(block)
-    for b in blocks[:idx]:
-        if _spatial_only(sch, b):
-            sch.compute_inline(b)
-    for b in blocks[idx + 1:-1]:
-        sch.compute_inline(b)
-    consumers = blocks[idx + 1:][-1:]
-    sch.reorder(*spatial[:-1], *reduce_, spatial[-1])
-    outer = spatial[:-1]
-    sch.vectorize(spatial[-1])
-    par = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    sch.parallel(par)
-    for consumer in consumers:
-        sch.reverse_compute_at(consumer, par, preserve_unit_loops=True)
-        cloops = sch.get_loops(consumer)
-        if (extent(sch, cloops[-1]) or 0) in (4, 8, 16, 32, 64):
-            sch.vectorize(cloops[-1])
-    return True
-
-
-def schedule_matmul(sch: Schedule, lanes: int = 16) -> bool:
-    """A dense / matmul block ``(i, j, k)`` (the classifier): ``j`` in vectors of ``lanes``
-    accumulated in registers over ``k``, ``(i, j_outer)`` parallel, a bias add on the tile."""
-    if not has_root(sch):
-        return False
-    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
-    mm = [b for b in blocks if iter_kinds(sch, b) == [0, 0, 2]]
-    if len(mm) != 1 or blocks.index(mm[0]) != 0:
-        return False
-    block = mm[0]
-    if any(not _spatial_only(sch, b) for b in blocks[1:]):
-        return False
-    for b in blocks[1:-1]:
-        sch.compute_inline(b)
-    i, j, k = sch.get_loops(block)
-    width = _largest_divisor(extent(sch, j) or 1, lanes)
-    if width < 2:
-        return False
-    jo, ji = sch.split(j, [None, width])
-    sch.reorder(i, jo, k, ji)
-    out = blocks[-1] if len(blocks) > 1 else sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(out, jo, preserve_unit_loops=True)
-    if len(blocks) > 1:
-        sch.set_scope(block, 0, "local")
-    sch.vectorize(ji)
-    sch.vectorize(sch.get_loops(out)[-1])
-    sch.parallel(sch.fuse(i, jo))
-    init = sch.decompose_reduction(block, k)
-    sch.vectorize(sch.get_loops(init)[-1])
     return True
