@@ -24,12 +24,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import tvm
 from tvm import relax, te
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from . import kernels_blocked as kb
+from .exprs import constant_value, static_shape
 from .lowering import CONV_ATTR, KERNEL_ATTR
 
 __all__ = ["block_layout", "blocked_kernels"]
@@ -39,21 +39,6 @@ _UNARY = {"relax.nn.relu", "relax.clip", "relax.sigmoid", "relax.nn.silu", "rela
           "relax.nn.gelu", "relax.exp"}
 _BINARY = {"relax.add", "relax.multiply", "relax.subtract", "relax.divide", "relax.maximum", "relax.minimum"}
 _POOL = {"relax.nn.max_pool2d", "relax.nn.avg_pool2d"}
-
-
-def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
-    shape = getattr(getattr(expr, "ty", None), "shape", None)
-    if shape is None:
-        return None
-    try:
-        return tuple(int(s) for s in shape)
-    except (TypeError, ValueError):
-        return None
-
-
-def _const(expr: relax.Expr) -> np.ndarray | None:
-    value = getattr(expr, "value", None) if isinstance(expr, tvm.ir.Constant) else None
-    return value.numpy() if hasattr(value, "numpy") else None
 
 
 def _conv_params(attrs: Any) -> dict[str, Any]:
@@ -86,7 +71,7 @@ class _Blocker(PyExprMutator):
         """The blocked form of NCHW ``x`` (made once)."""
         if x in self.blocked:
             return self.blocked[x]
-        cb = kb.channel_block(_static_shape(x)[1], self.lanes)
+        cb = kb.channel_block(static_shape(x)[1], self.lanes)
         xb = self._emit(kb.to_blocked, x, name="to_blocked", cb=cb)
         if isinstance(x, relax.Var):
             self.blocked[x] = xb
@@ -99,10 +84,10 @@ class _Blocker(PyExprMutator):
         return out
 
     def _weight(self, w: relax.Expr, pack, *cbs: int) -> relax.Expr:
-        data = _const(w)
+        data = constant_value(w)
         if data is not None:
             return relax.const(pack(data, *cbs), str(data.dtype))
-        shape = _static_shape(w)
+        shape = static_shape(w)
 
         def te_pack(wt: te.Tensor) -> te.Tensor:  # a weight fed at run time: packed by a kernel
             if pack is kb.pack_mean_weight:
@@ -176,7 +161,7 @@ class _Blocker(PyExprMutator):
             out = self._emit(kb.deep_control, self.blocked[y], *ins[1:], name="dc_two_pass", kind=kind, **epi)
             return self._unblock(out)
         x, w = ins[0], ins[1]
-        xs, ws = _static_shape(x), _static_shape(w)
+        xs, ws = static_shape(x), static_shape(w)
         if xs is None or ws is None or len(xs) != 4:
             return None
         depthwise = p["groups"] > 1 and ws[1] == 1 and ws[0] == xs[1] == p["groups"]
@@ -216,10 +201,10 @@ class _Blocker(PyExprMutator):
 
     def _op(self, call: relax.Call, name: str, args: list[relax.Expr]) -> relax.Var | None:
         """A layout-agnostic op on blocked inputs, done blocked; None where it stays NCHW."""
-        tensors = [a for a in args if _static_shape(a) is not None and len(_static_shape(a)) > 0]
+        tensors = [a for a in args if static_shape(a) is not None and len(static_shape(a)) > 0]
         if not tensors or not any(a in self.blocked for a in tensors):
             return None
-        big = _static_shape(next(a for a in tensors if a in self.blocked))
+        big = static_shape(next(a for a in tensors if a in self.blocked))
         op = relax.op
         if name in _UNARY:
             new_args = [self.blocked.get(a, a) for a in args]
@@ -227,7 +212,7 @@ class _Blocker(PyExprMutator):
         if name in _BINARY:
             new_args = []
             for a in args:
-                s = _static_shape(a)
+                s = static_shape(a)
                 if s is None or len(s) == 0:
                     new_args.append(a)
                 elif len(s) == 4 and s[1] == big[1] and all(d in (1, b) for d, b in zip(s, big, strict=True)):
@@ -239,7 +224,7 @@ class _Blocker(PyExprMutator):
         if x not in self.blocked:
             return None
         xb = self.blocked[x]
-        cb = int(_static_shape(xb)[-1])
+        cb = int(static_shape(xb)[-1])
         if name in _POOL and str(call.attrs.layout) == "NCHW":
             a = call.attrs
             fn = op.nn.max_pool2d if name == "relax.nn.max_pool2d" else op.nn.avg_pool2d

@@ -18,15 +18,9 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
+from .exprs import constant_value, static_shape
+
 __all__ = ["is_pixel_conv", "legalize_conv2d"]
-
-
-def _shape(expr: relax.Expr) -> tuple[int, ...] | None:
-    shape = getattr(getattr(expr, "ty", None), "shape", None)
-    try:
-        return tuple(int(s) for s in shape) if shape is not None else None
-    except (TypeError, ValueError):
-        return None
 
 
 def is_pixel_conv(call: relax.Call) -> bool:
@@ -34,7 +28,7 @@ def is_pixel_conv(call: relax.Call) -> bool:
     a = call.attrs
     if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout or "NCHW")) != ("NCHW", "OIHW", "NCHW"):
         return False
-    xs, ws = _shape(call.args[0]), _shape(call.args[1])
+    xs, ws = static_shape(call.args[0]), static_shape(call.args[1])
     if xs is None or ws is None or len(xs) != 4 or len(ws) != 4:
         return False
     if int(a.groups) != 1 or any(int(p) for p in a.padding):
@@ -60,10 +54,10 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     if not is_pixel_conv(call):
         return tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")(bb, call)
     x, w = call.args
-    o, c = _shape(w)[:2]
-    value = getattr(w, "value", None) if isinstance(w, tvm.ir.Constant) else None
-    if hasattr(value, "numpy"):
-        wt = relax.const(np.ascontiguousarray(value.numpy().reshape(o, c).T), str(w.ty.dtype))
+    o, c = static_shape(w)[:2]
+    value = constant_value(w)
+    if value is not None:
+        wt = relax.const(np.ascontiguousarray(value.reshape(o, c).T), str(w.ty.dtype))
     else:  # a weight fed at run time: transposed by a kernel of its own
         wt = bb.emit_te(lambda t: te.compute((c, o), lambda i, j: t[j, i, 0, 0], name="transpose"), w)
     return bb.call_te(pixel_matmul, x, wt, primfunc_name_hint="pixel_matmul")

@@ -73,14 +73,17 @@ def test_both_x86_families_build_the_matmul_kernels(model, mcpu):
     assert reg in ex.mod.imports[0].inspect_source("asm")
 
 
-def _conv_call(x_shape, w_shape, **attrs) -> relax.Call:
+def _conv_function(x_shape, w_shape, **attrs) -> tuple[tvm.IRModule, relax.Call]:
+    """``main(x, w) = conv2d(x, w, **attrs)``, and its conv call (normalized: shapes known)."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(x_shape, "float32"))
     w = relax.Var("w", relax.TensorType(w_shape, "float32"))
     with bb.function("main", [x, w]):
-        call = bb.normalize(relax.op.nn.conv2d(x, w, **attrs))
-        bb.emit_func_output(call)
-    return call
+        with bb.dataflow():
+            call = bb.normalize(relax.op.nn.conv2d(x, w, **attrs))
+            y = bb.emit_output(call)
+        bb.emit_func_output(y)
+    return bb.get(), call
 
 
 @pytest.mark.parametrize(("x_shape", "w_shape", "attrs", "pixel"), [
@@ -92,19 +95,13 @@ def _conv_call(x_shape, w_shape, **attrs) -> relax.Call:
     ((2, 24, 3, 3), (40, 24, 3, 3), {}, False),  # a 3x3 kernel on a 3x3 map
 ])
 def test_which_convs_are_one_pixel_matmuls(x_shape, w_shape, attrs, pixel):
-    assert is_pixel_conv(_conv_call(x_shape, w_shape, **attrs)) == pixel
+    assert is_pixel_conv(_conv_function(x_shape, w_shape, **attrs)[1]) == pixel
 
 
 def test_a_weight_fed_at_run_time_is_transposed_in_the_graph():
     """A weight that is an input, not a constant, is transposed by a kernel of its own."""
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((2, 24, 1, 1), "float32"))
-    w = relax.Var("w", relax.TensorType((40, 24, 1, 1), "float32"))
-    with bb.function("main", [x, w]):
-        with bb.dataflow():
-            y = bb.emit_output(relax.op.nn.conv2d(x, w))
-        bb.emit_func_output(y)
-    ex = tvm.compile(bb.get(), target=HOST, relax_pipeline=relax_pipeline(HOST))
+    mod, _ = _conv_function((2, 24, 1, 1), (40, 24, 1, 1))
+    ex = tvm.compile(mod, target=HOST, relax_pipeline=relax_pipeline(HOST))
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((2, 24, 1, 1), "float32"), rng.standard_normal((40, 24, 1, 1), "float32")
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy()

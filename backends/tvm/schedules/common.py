@@ -7,8 +7,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import Schedule
 
 __all__ = ["IS_SCHEDULED", "SCHEDULED", "conv_stages", "extent", "find_conv_block", "has_root", "is_tuned",
-           "iter_kinds", "largest_divisor", "marked_scheduled",
-           "spatial_only"]
+           "iter_kinds", "largest_divisor", "marked_scheduled", "spatial_only"]
 
 #: set on a PrimFunc by dcgraph's default rules (the value names the rule)
 SCHEDULED = "dcgraph.schedule"
