@@ -33,7 +33,11 @@ The loop, per call:
    candidate up to MetaSchedule's 512 (its full population for a handful of trials spends more
    time in the genetic search than in measuring, on two cores). One cost model for the run.
    Progress bar: task (trials done + to do), trials, best time so far. MetaSchedule's log
-   goes to ``DIR/<target key>/logs/tune.log``, not the console.
+   goes to ``DIR/<target key>/logs/tune.log``, not the console. The design space is the
+   target's default with one postprocessor added (:mod:`.postprocs`): it drops the candidates
+   whose reduction TVM's ``RewriteReductionBlock`` would decompose into wrong code (a reduction
+   recomputed under a consumer's loop, as the hoisted mean's tap sums can be), so the search
+   does not spend trials on them.
 6. **Measurement and checking** (:mod:`.measure`). Kernels are built here (without the 28 s
    ``tensor_intrin`` import of MetaSchedule's default builder), exported as shared libraries
    (cross-compiled for ARM) and measured by :class:`.measure.Runner`: on this CPU, or on a device of
@@ -52,8 +56,8 @@ no device can be reached (or two batches in a row fail), the run stops with :cla
 
 The rooms: :mod:`.tasks` (tasks, selection, budget), :mod:`.records` (what the database holds
 for a task), :mod:`.measure` (build, export, check and time in workers), :mod:`.progress`
-(the measure callback: records, counts, stop), :mod:`.report`, :mod:`.tools` (cost model,
-target, logs, Ctrl-C), :mod:`.loop` (:func:`tune`).
+(the measure callback: records, counts, stop), :mod:`.postprocs` (the candidate filter),
+:mod:`.report`, :mod:`.tools` (cost model, target, logs, Ctrl-C), :mod:`.loop` (:func:`tune`).
 
 Not done: CUDA targets (MetaSchedule on a GPU needs a GPU runner and dlight-style spaces; the
 function says so), and tasks below :data:`SKIP_SHARE` unless named in ``kernels``.

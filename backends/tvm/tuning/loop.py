@@ -30,6 +30,7 @@ from ..frontends import prepare
 from ..pipeline import fuse
 from ..schedules import traced_default
 from .measure import LOST, UNAVAILABLE, reason
+from .postprocs import with_sound_reductions
 from .progress import DeviceLost, TaskState, Tracker, callbacks
 from .records import best_record, is_search, mean_seconds, search_trials
 from .report import TaskReport, TuneReport
@@ -211,7 +212,8 @@ def _tune_task(job: _Job, database: Any, tools: Tools, tracker: Tracker, scratch
             population_size=min(POPULATION, max(64, 32 * per_iter)),
             init_min_unmeasured=min(50, 4 * per_iter))
         import_tensor_intrin()  # TuneContext imports it: done fast first
-        ctx = ms.TuneContext(mod=task.mod, target=tools.tuning_target, space_generator="post-order-apply",
+        ctx = ms.TuneContext(mod=task.mod, target=tools.tuning_target,
+                             space_generator=with_sound_reductions(task.mod, tools.tuning_target),
                              search_strategy=strategy, task_name=task.name, logger=task_log,
                              num_threads=tools.ncpu)
         try:
