@@ -3,11 +3,14 @@ iterator kinds, and the convolution block with the stages around it (CPU and GPU
 
 from __future__ import annotations
 
+import math
+
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import Schedule
 
 __all__ = ["IS_SCHEDULED", "SCHEDULED", "conv_stages", "extent", "find_conv_block", "has_root", "is_tuned",
-           "iter_kinds", "largest_divisor", "marked_scheduled", "spatial_only"]
+           "iter_kinds", "largest_divisor", "marked_scheduled", "parallel", "spatial_only", "worth_threads"]
 
 #: set on a PrimFunc by dcgraph's default rules (the value names the rule)
 SCHEDULED = "dcgraph.schedule"
@@ -86,3 +89,38 @@ def largest_divisor(n: int, limit: int) -> int:
 def spatial_only(sch: Schedule, block) -> bool:
     """Whether every loop of ``block`` is spatial (no reduction)."""
     return all(k == 0 for k in iter_kinds(sch, block))
+
+
+#: A kernel under this many FLOPs and :data:`SERIAL_ELEMENTS` runs on one thread (:func:`parallel`).
+#: With the thread pool's spinning off, each parallel region wakes the workers (~7 us here, more
+#: for a kernel with several regions: the blocked shift's three took 25 us where one thread took
+#: 2-5). Measured per kernel of pytorchcv MobileNetV2 (2-core Xeon AVX-512, hot caches), one
+#: thread was faster below about 0.75 MFLOP / 100k elements (0.07-0.75x the parallel time).
+SERIAL_FLOPS = 1 << 20
+#: ... and under this many elements over all its buffers (a kernel that mostly moves data).
+SERIAL_ELEMENTS = 1 << 17
+
+
+def worth_threads(func: tirx.PrimFunc) -> bool:
+    """Whether ``func`` has enough work for the thread pool (:data:`SERIAL_FLOPS`,
+    :data:`SERIAL_ELEMENTS`); a symbolic shape counts as enough."""
+    elements = 0
+    for param in func.params:
+        shape = list(getattr(param, "shape", None) or [])
+        if not all(isinstance(d, tirx.IntImm) for d in shape):
+            return True
+        elements += math.prod(int(d) for d in shape)
+    if elements >= SERIAL_ELEMENTS:
+        return True
+    try:
+        flops = float(s_tir.analysis.estimate_tir_flops(tvm.IRModule({"main": func})))
+    except Exception:  # data movement only: TVM cannot count it
+        flops = 0.0
+    return flops >= SERIAL_FLOPS
+
+
+def parallel(sch: Schedule, loop: s_tir.schedule.LoopRV) -> None:
+    """``sch.parallel(loop)`` unless the kernel is too small to gain from threads
+    (:func:`worth_threads`); the loop then stays serial."""
+    if worth_threads(sch.mod["main"]):
+        sch.parallel(loop)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from tvm.s_tir import Schedule
 
-from .common import conv_stages, extent, has_root, iter_kinds, largest_divisor, spatial_only
+from .common import conv_stages, extent, has_root, iter_kinds, largest_divisor, parallel, spatial_only
 
 
 def max_accumulators(lanes: int) -> int:
@@ -56,7 +56,7 @@ def _blocked_conv_stages(sch: Schedule):
 
 def _schedule_pad(sch: Schedule, block, lanes: int) -> None:
     loops = sch.get_loops(block)
-    sch.parallel(sch.fuse(*loops[:3]))
+    parallel(sch, sch.fuse(*loops[:3]))
     if (extent(sch, loops[-1]) or 0) >= 4:
         sch.vectorize(loops[-1])
 
@@ -81,7 +81,7 @@ def schedule_blocked_conv(sch: Schedule, lanes: int = 16) -> bool:
     if consumers:
         sch.set_scope(conv, 0, "local")
     par = sch.fuse(n, koo, oh)
-    sch.parallel(par)
+    parallel(sch, par)
     sch.unroll(rw)
     sch.unroll(koi)
     sch.unroll(owi)
@@ -124,7 +124,7 @@ def schedule_blocked_depthwise(sch: Schedule, lanes: int = 16) -> bool:
     if consumers:
         sch.set_scope(conv, 0, "local")
     par = sch.fuse(n, k, oh)
-    sch.parallel(par)
+    parallel(sch, par)
     sch.unroll(rh)
     sch.unroll(rw)
     sch.unroll(owi)
@@ -163,7 +163,7 @@ def schedule_blocked_depthwise_dc(sch: Schedule, lanes: int = 16) -> bool:
         return False
     n, k, _, _, j = loops
     par = sch.fuse(n, k)
-    sch.parallel(par)
+    parallel(sch, par)
     sch.vectorize(j)
     sch.compute_at(msum, par, preserve_unit_loops=True)
     sch.compute_at(conv, par, preserve_unit_loops=True)
@@ -230,7 +230,7 @@ def schedule_blocked_shift(sch: Schedule, lanes: int = 16) -> bool:
             return False
         n, k, a_, b_, c, r = loops
         sch.reorder(n, k, a_, b_, r, c)
-        sch.parallel(sch.fuse(n, k))
+        parallel(sch, sch.fuse(n, k))
         if (extent(sch, c) or 0) >= 4:
             sch.vectorize(c)
     block = sch.get_sblock("blocked_mean")
@@ -243,7 +243,7 @@ def schedule_blocked_shift(sch: Schedule, lanes: int = 16) -> bool:
         sch.reverse_compute_at(acc, co, preserve_unit_loops=True)
         sch.vectorize(ci)
         sch.vectorize(sch.get_loops(acc)[-1])
-        sch.parallel(sch.fuse(n, co))
+        parallel(sch, sch.fuse(n, co))
         init = sch.decompose_reduction(block, rc)
         sch.vectorize(sch.get_loops(init)[-1])
     shift = sch.get_sblock("shift")

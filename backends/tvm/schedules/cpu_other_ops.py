@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from tvm.s_tir import Schedule
 
-from .common import extent, has_root, iter_kinds, largest_divisor, spatial_only
+from .common import extent, has_root, iter_kinds, largest_divisor, parallel, spatial_only
 
 
 def schedule_from_blocked(sch: Schedule, lanes: int = 16) -> bool:
@@ -35,7 +35,7 @@ def schedule_from_blocked(sch: Schedule, lanes: int = 16) -> bool:
         return False
     k, ci = sch.split(c, [None, cb])
     sch.reorder(n, k, h, ci, w)
-    sch.parallel(sch.fuse(n, k, h))
+    parallel(sch, sch.fuse(n, k, h))
     ext = extent(sch, w)
     if ext is not None and ext > 4 * lanes:
         _, w = sch.split(w, [None, lanes])
@@ -71,7 +71,7 @@ def schedule_injective(sch: Schedule, lanes: int = 16) -> bool:
         outer = [*outer, o]
         ext = lanes
     if outer:
-        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        parallel(sch, sch.fuse(*outer) if len(outer) > 1 else outer[0])
     if ext is not None and 4 <= ext <= 4 * lanes:
         sch.vectorize(inner)
     return True
@@ -111,18 +111,13 @@ def schedule_channel_reduction(sch: Schedule, lanes: int = 16) -> bool:
     outer = spatial[:-1]
     sch.vectorize(spatial[-1])
     par = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    sch.parallel(par)
+    parallel(sch, par)
     for consumer in consumers:
         sch.reverse_compute_at(consumer, par, preserve_unit_loops=True)
         cloops = sch.get_loops(consumer)
         if (extent(sch, cloops[-1]) or 0) in (4, 8, 16, 32, 64):
             sch.vectorize(cloops[-1])
     return True
-
-
-#: Below this many multiply-adds a kernel runs on one thread: waking the pool's workers costs
-#: about 7 us per call here (spinning off), what a 16-lane core does in ~100k multiply-adds.
-SERIAL_MACS = 1 << 17
 
 
 def _is_matmul(sch: Schedule, block) -> bool:
@@ -166,10 +161,7 @@ def schedule_matmul(sch: Schedule, lanes: int = 16) -> bool:
     if len(wide) == 1 and wide[0] != tail[-1]:
         sch.reorder(*[lp for lp in tail if lp != wide[0]], wide[0])
     sch.vectorize(sch.get_loops(out)[-1])
-    macs = (extent(sch, i) or 1) * (extent(sch, jo) or 1) * width * (extent(sch, k) or 1)
-    par = sch.fuse(i, jo)
-    if macs >= SERIAL_MACS:
-        sch.parallel(par)
+    parallel(sch, sch.fuse(i, jo))  # one thread for a small one (an SE gate): common.SERIAL_FLOPS
     init = sch.decompose_reduction(block, k)
     sch.vectorize(sch.get_loops(init)[-1])
     return True
