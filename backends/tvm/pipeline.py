@@ -1,13 +1,14 @@
 """The Relax compilation pipeline: TVM's own passes plus dcgraph's default schedules.
 
-``[blocked layout (CPU)] -> legalize -> annotate -> fold constants -> FuseOps -> FuseTIR -> [tuned records] ->
-default schedules -> TVM's lowering``. Tuned records (a MetaSchedule database) win where
-they match; every other PrimFunc gets the rules of :mod:`.schedules` (CPU or GPU), and
+``[blocked layout (CPU)] -> fold constants -> legalize -> annotate -> fold constants -> FuseOps ->
+FuseTIR -> [tuned records] -> default schedules -> TVM's lowering``. Tuned records (a MetaSchedule
+database) win where they match; every other PrimFunc gets the rules of :mod:`.schedules` (CPU or GPU), and
 :func:`kernel_report` says which kernel got what.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import tvm
@@ -18,6 +19,7 @@ from tvm.relax.backend.cuda import pipeline as cuda_backend
 from .fast_math import legalize_sigmoid
 from .layout import block_layout
 from .lowering import kernel_origin
+from .packed_matmul import legalize_matmul
 from .pixel_matmul import legalize_conv2d
 from .schedules import SCHEDULED, DefaultSchedule, is_tuned, vector_lanes
 from .targets import is_gpu
@@ -40,10 +42,14 @@ def uses_blocked(target: tvm.target.Target, layout: str = "auto") -> bool:
 def _legalize_map(target: tvm.target.Target) -> dict:
     """dcgraph's legalizations in place of TVM's, on CPU targets: float32 ``sigmoid`` becomes the
     vectorisable polynomial of :mod:`.fast_math` (TVM's calls scalar ``expf`` per element), a
-    conv on one pixel per sample a matmul (:mod:`.pixel_matmul`)."""
+    conv on one pixel per sample a matmul (:mod:`.pixel_matmul`), a matmul with a constant weight
+    the packed-panel kernel (:mod:`.packed_matmul`)."""
     if is_gpu(target):
         return {}
-    return {"relax.sigmoid": legalize_sigmoid, "relax.nn.conv2d": legalize_conv2d}
+    lanes = vector_lanes(target)
+    return {"relax.sigmoid": legalize_sigmoid,
+            "relax.nn.conv2d": functools.partial(legalize_conv2d, lanes=lanes),
+            "relax.matmul": functools.partial(legalize_matmul, lanes=lanes)}
 
 
 def fuse(mod: tvm.IRModule, target: tvm.target.Target, layout: str = "auto") -> tvm.IRModule:
@@ -54,6 +60,7 @@ def fuse(mod: tvm.IRModule, target: tvm.target.Target, layout: str = "auto") -> 
         mod = block_layout(mod, vector_lanes(target))
     passes = [
         *_backend(target).library_dispatch_passes(target),
+        relax.transform.FoldConstant(),  # a weight's permute_dims: a constant for legalize_matmul
         relax.transform.LegalizeOps(customize_legalize_map=_legalize_map(target)),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),

@@ -2,7 +2,8 @@
 
 ``conv2d(x, W)`` with ``x`` of shape ``(N, C, 1, 1)``, a ``1x1`` kernel, no padding and one
 group is ``y[n, o, 0, 0] = sum_c x[n, c, 0, 0] W[o, c]``: a matmul, with the weight transposed
-once at compile time (``(C, O)``, a constant), so a vector of output channels is contiguous.
+once at compile time and packed in panels of output channels (:mod:`.packed_matmul`, a
+constant), so a vector of output channels is contiguous.
 Squeeze-Excitation gates (two such convs on the globally pooled map of every MBConv block of
 EfficientNet) and classifiers written as a 1x1 conv (pytorchcv's MobileNetV2) are this case.
 TVM's legalization gave them the conv schedule, which vectorises along output columns (there is
@@ -14,11 +15,11 @@ the activation would be recomputed per pixel by the gate's multiply).
 
 from __future__ import annotations
 
-import numpy as np
 import tvm
 from tvm import relax, te
 
 from .exprs import constant_value, static_shape
+from .packed_matmul import pack_weight, packed_matmul, panel_width
 
 __all__ = ["is_pixel_conv", "legalize_conv2d"]
 
@@ -48,16 +49,19 @@ def pixel_matmul(x: te.Tensor, wt: te.Tensor) -> te.Tensor:
                       name="pixel_matmul")
 
 
-def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """``relax.nn.conv2d`` legalization: one-pixel 1x1 convs as :func:`pixel_matmul`, every other
-    conv as TVM legalizes it."""
+def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, lanes: int = 16) -> relax.Expr:
+    """``relax.nn.conv2d`` legalization: one-pixel 1x1 convs as matmuls (a constant weight in
+    panels, :func:`.packed_matmul.packed_matmul`; one fed at run time transposed by a kernel of its
+    own, :func:`pixel_matmul`), every other conv as TVM legalizes it."""
     if not is_pixel_conv(call):
         return tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")(bb, call)
     x, w = call.args
     o, c = static_shape(w)[:2]
     value = constant_value(w)
     if value is not None:
-        wt = relax.const(np.ascontiguousarray(value.reshape(o, c).T), str(w.ty.dtype))
-    else:  # a weight fed at run time: transposed by a kernel of its own
-        wt = bb.emit_te(lambda t: te.compute((c, o), lambda i, j: t[j, i, 0, 0], name="transpose"), w)
+        width = panel_width(o, static_shape(x)[0], lanes)
+        wp = relax.const(pack_weight(value.reshape(o, c).T, width), str(w.ty.dtype))
+        return bb.call_te(packed_matmul, x, wp, o, True, primfunc_name_hint="pixel_matmul")
+    # a weight fed at run time: transposed by a kernel of its own
+    wt = bb.emit_te(lambda t: te.compute((c, o), lambda i, j: t[j, i, 0, 0], name="transpose"), w)
     return bb.call_te(pixel_matmul, x, wt, primfunc_name_hint="pixel_matmul")

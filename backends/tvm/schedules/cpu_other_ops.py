@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from tvm.s_tir import Schedule
 
+from ..packed_matmul import tile_rows
 from .common import extent, has_root, iter_kinds, largest_divisor, parallel, spatial_only
 
 
@@ -129,10 +130,24 @@ def _is_matmul(sch: Schedule, block) -> bool:
             and all(k == 0 and extent(sch, lp) == 1 for k, lp in zip(kinds[2:-1], loops[2:-1], strict=True)))
 
 
+def _panel_width(sch: Schedule, block) -> int | None:
+    """``B`` of a packed weight (a 3-d ``N/B x K x B`` read, :mod:`..packed_matmul`), else None."""
+    for region in sch.get(block).reads:
+        if len(region.source.shape) == 3:
+            return int(region.source.shape[2])
+    return None
+
+
 def schedule_matmul(sch: Schedule, lanes: int = 16) -> bool:
     """A dense / matmul block ``(i, j, k)`` (the classifier; a one-pixel conv's ``(i, j, 1, 1, k)``,
-    :mod:`..pixel_matmul`): ``j`` in vectors of ``lanes`` accumulated in registers over ``k``,
-    ``(i, j_outer)`` parallel, a bias add and an activation on the tile."""
+    :mod:`..pixel_matmul`): a register tile of ``rows x width`` outputs accumulated over ``k``,
+    ``(i_outer, j_outer)`` parallel, a bias add and an activation applied to the tile.
+
+    With a packed weight (:mod:`..packed_matmul`) ``width`` is its panel ``B`` and the tile takes
+    as many rows as fit its accumulator budget (:func:`..packed_matmul.tile_rows`; each step: a
+    broadcast ``x[i, k]`` per row times the panel's row ``k``); otherwise one row of ``lanes``
+    columns. Padded panels: the tile's columns past ``N`` are computed and not written (the
+    write-out loop is not vectorised then: a predicate guards its last tile)."""
     if not has_root(sch):
         return False
     blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
@@ -145,23 +160,35 @@ def schedule_matmul(sch: Schedule, lanes: int = 16) -> bool:
     for b in blocks[1:-1]:
         sch.compute_inline(b)
     i, j, *units, k = sch.get_loops(block)
-    width = largest_divisor(extent(sch, j) or 1, lanes)
-    if width < 2:
+    panel = _panel_width(sch, block)
+    width = panel or largest_divisor(extent(sch, j) or 1, lanes)
+    if width < 2 or (extent(sch, j) or 0) % width:
         return False
+    rows = tile_rows(extent(sch, i) or 1, width, lanes) if panel is not None else 1
+    out_block = sch.get(blocks[-1])
+    padded = len(out_block.iter_vars) > 1 and int(out_block.iter_vars[1].dom.extent) != extent(sch, j)
+    io, ii = sch.split(i, [None, rows])
     jo, ji = sch.split(j, [None, width])
-    sch.reorder(i, jo, *units, k, ji)
+    sch.reorder(io, jo, *units, k, ii, ji)
     out = blocks[-1] if len(blocks) > 1 else sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(out, jo, preserve_unit_loops=True)
     if len(blocks) > 1:
         sch.set_scope(block, 0, "local")
     sch.vectorize(ji)
-    oloops = sch.get_loops(out)
-    tail = oloops[2:]  # (i, jo | the tile's loops)
+    if rows > 1:
+        sch.unroll(ii)
+    tail = sch.get_loops(out)[2:]  # (io, jo | the tile's loops, in the output's axis order)
     wide = [lp for lp in tail if extent(sch, lp) != 1]
-    if len(wide) == 1 and wide[0] != tail[-1]:
+    if len(wide) == 2:  # (rows, columns): columns innermost, rows unrolled around them
+        sch.reorder(*[lp for lp in tail if lp not in wide], *wide)
+        sch.unroll(wide[0])
+    elif len(wide) == 1 and wide[0] != tail[-1]:
         sch.reorder(*[lp for lp in tail if lp != wide[0]], wide[0])
-    sch.vectorize(sch.get_loops(out)[-1])
-    parallel(sch, sch.fuse(i, jo))  # one thread for a small one (an SE gate): common.SERIAL_FLOPS
+    if not padded:
+        sch.vectorize(sch.get_loops(out)[-1])
+    parallel(sch, sch.fuse(io, jo))  # one thread for a small one (an SE gate): common.SERIAL_FLOPS
     init = sch.decompose_reduction(block, k)
     sch.vectorize(sch.get_loops(init)[-1])
+    if rows > 1:
+        sch.unroll(sch.get_loops(init)[-2])
     return True
