@@ -183,8 +183,10 @@ def hoisted_shift(xb: te.Tensor, wm: te.Tensor, bias: te.Tensor | None, a: te.Te
     kos, cig, kh, kw, cbo = (int(d) for d in wm.shape)
     c_out = kos * cbo
     out = output_size([h, wd], [kh, kw], stride, padding, dilation)
-    t = _tap_sum(xb, 3, wd, kw, stride[1], padding[1], dilation[1], out[1])
-    t = _tap_sum(t, 2, h, kh, stride[0], padding[0], dilation[0], out[0])  # (N, C_in/cbi, kh, kw, cbi)
+    # rows first (tap_sum0: (N, C_in/cbi, kh, W, cbi), each a sum of whole input rows, contiguous
+    # over (W, cbi) whatever the channel block), then columns of that small array (tap_sum1)
+    t = _tap_sum(xb, 2, h, kh, stride[0], padding[0], dilation[0], out[0])
+    t = _tap_sum(t, 3, wd, kw, stride[1], padding[1], dilation[1], out[1])  # (N, C_in/cbi, kh, kw, cbi)
     cog = c_out // groups
     rc = te.reduce_axis((0, cig), name="rc")
     rh = te.reduce_axis((0, kh), name="r0")

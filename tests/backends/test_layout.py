@@ -23,14 +23,17 @@ from tests.backends.tvm_cases import RTOL, case_module, relative_error
 HOST = targets.resolve("x86")
 HOST_FEATURES = cpu_features(HOST)
 
-# channel counts the small shared cases do not reach: full 16-lane blocks with two blocks per
-# register tile (32, 64), an odd number of blocks (48), half blocks (24 -> 8 lanes), strides
+# channel counts the small shared cases do not reach: a first layer's 3 channels, full 16-lane
+# blocks with two blocks per register tile (32, 64), an odd number of blocks (48), half blocks
+# (24 -> 8 lanes), strides
 CASES = [
     ConvCase("c32_3x3", 1, 32, 64, (14, 14), (3, 3), padding=(1, 1)),
     ConvCase("c48_s2", 2, 16, 48, (15, 15), (3, 3), stride=(2, 2), padding=(1, 1), bias=True),
     ConvCase("c24_1x1", 1, 24, 40, (9, 9), (1, 1), act="silu"),
     ConvCase("c32_dw", 2, 32, 32, (10, 10), (3, 3), stride=(2, 2), padding=(1, 1), groups=32, act="relu6"),
     ConvCase("c16_dil", 1, 16, 32, (12, 11), (3, 3), padding=(2, 2), dilation=(2, 2), act="hardswish"),
+    # a first layer: 3 channels (a channel block of 1: the shift's row sums vectorise along rows)
+    ConvCase("c3_stem", 2, 3, 32, (23, 21), (7, 7), stride=(2, 2), padding=(3, 3), bias=True),
 ]
 
 

@@ -119,8 +119,9 @@ def worth_threads(func: tirx.PrimFunc) -> bool:
     return flops >= SERIAL_FLOPS
 
 
-def parallel(sch: Schedule, loop: s_tir.schedule.LoopRV) -> None:
+def parallel(sch: Schedule, loop: s_tir.schedule.LoopRV, flops: float | None = None) -> None:
     """``sch.parallel(loop)`` unless the kernel is too small to gain from threads
-    (:func:`worth_threads`); the loop then stays serial."""
-    if worth_threads(sch.mod["main"]):
+    (:func:`worth_threads`); the loop then stays serial. ``flops``: the work of this loop nest
+    alone, for a kernel with several (it is then parallel at :data:`SERIAL_FLOPS` or more)."""
+    if worth_threads(sch.mod["main"]) if flops is None else flops >= SERIAL_FLOPS:
         sch.parallel(loop)

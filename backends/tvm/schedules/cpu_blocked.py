@@ -214,36 +214,68 @@ def _vector_split(sch: Schedule, loop, lanes: int):
     return sch.split(loop, [None, lanes])
 
 
+#: vector accumulators of the hoisted shift's tiles (the row sums' and the mean product's)
+SHIFT_VECTORS = 4
+
+
 def schedule_blocked_shift(sch: Schedule, lanes: int = 16) -> bool:
-    """The blocked hoisted shift: each tap box sum with the channel block innermost (vectorised)
-    and the reduction around it; the small product ``m = W . T`` vectorised over output channels
-    (the weight is packed ``IHWO``), its accumulator in registers."""
+    """The blocked hoisted shift in one parallel region where it can: per ``(n, input channel
+    block)`` the row sums ``tap_sum0`` (a tile of up to :data:`SHIFT_VECTORS` vectors over the
+    contiguous ``(W, cbi)`` of the input rows, accumulated over the output rows in registers),
+    then its column sums ``tap_sum1`` (the channel block vectorised); the small product
+    ``m = W . T`` vectorised over output channels, a few channel blocks per tile so their FMA
+    chains interleave, on one thread unless it has :data:`.common.SERIAL_FLOPS` of its own.
+
+    Each parallel region wakes the thread pool (17-21 us on the 2-core Zen 5 VM with spinning
+    off, against a few us of work in most shifts): the earlier schedule had three. Summing rows
+    first keeps a first layer's input (3 channels, a channel block of 1) vectorised along its
+    rows: ResNet-18's 7x7 stem shift 139 -> 27 us (hot, alone), its 3x3 shifts 35-71 -> 17-20.
+
+    Running the whole shift on one thread was faster still alone (9-21 us) but not in the
+    model: the next kernel's wake-up then cost that much more (the worker had slept longer; a
+    VM's halted vCPU wakes slowly), so the shift follows the kernel-wide rule."""
     names = _names(sch)
-    if "blocked_mean" not in names or not any(n.startswith("tap_sum") for n in names):
+    if names[:2] != ["tap_sum0", "tap_sum1"] or "blocked_mean" not in names:
         return False
-    for name in names:
-        if not name.startswith("tap_sum"):
-            continue
-        block = sch.get_sblock(name)
-        loops = sch.get_loops(block)
-        if len(loops) != 6:  # (n, k, a, b, c) + the reduction: only the 5-d blocked sums
-            return False
-        n, k, a_, b_, c, r = loops
-        sch.reorder(n, k, a_, b_, r, c)
-        parallel(sch, sch.fuse(n, k))
-        if (extent(sch, c) or 0) >= 4:
-            sch.vectorize(c)
+    rows, cols = sch.get_sblock("tap_sum0"), sch.get_sblock("tap_sum1")
+    if len(sch.get_loops(rows)) != 6 or len(sch.get_loops(cols)) != 6:
+        return False  # (n, k, a, b, c) + the reduction: only the 5-d blocked sums
+    n, k, r, t, c, o = sch.get_loops(cols)
+    sch.reorder(n, k, r, t, o, c)
+    if (extent(sch, c) or 0) >= 4:
+        sch.vectorize(c)
+    nk = sch.fuse(n, k)
+    parallel(sch, nk)
+    sch.compute_at(rows, nk, preserve_unit_loops=True)
+    rr, w, cc, ro = sch.get_loops(rows)[-4:]
+    wc = sch.fuse(w, cc)
+    size = extent(sch, wc) or 1
+    tile = next((v for v in range(SHIFT_VECTORS * lanes, 0, -lanes) if size % v == 0), 0) \
+        or largest_divisor(size, SHIFT_VECTORS * lanes)
+    wo, wi = sch.split(wc, [None, tile])
+    sch.reorder(rr, wo, ro, wi)
+    sch.vectorize(wi)
+    init = sch.decompose_reduction(rows, ro)
+    sch.vectorize(sch.get_loops(init)[-1])
+
     block = sch.get_sblock("blocked_mean")
     n, c, rc, r0, r1 = sch.get_loops(block)
     vec = _vector_split(sch, c, channel_block(extent(sch, c) or 1, lanes))
     if vec is not None:
         co, ci = vec
-        sch.reorder(n, co, rc, r0, r1, ci)
+        group = largest_divisor(extent(sch, co) or 1, SHIFT_VECTORS)
+        coo, coi = sch.split(co, [None, group])
+        sch.reorder(n, coo, rc, r0, r1, coi, ci)
         acc = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(acc, co, preserve_unit_loops=True)
+        sch.reverse_compute_at(acc, coo, preserve_unit_loops=True)
         sch.vectorize(ci)
+        sch.unroll(coi)
         sch.vectorize(sch.get_loops(acc)[-1])
-        parallel(sch, sch.fuse(n, co))
+        body = sch.get(block)
+        flops = 2.0
+        for iv in body.iter_vars:
+            flops *= int(iv.dom.extent)
+        parallel(sch, sch.fuse(n, coo), flops)
         init = sch.decompose_reduction(block, rc)
         sch.vectorize(sch.get_loops(init)[-1])
     shift = sch.get_sblock("shift")
