@@ -20,6 +20,9 @@ test-slow: $(STAMP)            ## the long tests only
 	$(BIN)/python -m pytest -m slow
 
 RESULTS := benchmarks/results
+# torch's OpenMP threads must not spin between timed calls (they took the next row's cores); the
+# `dcgraph bench` command sets this itself, the scripts get it here (read when torch loads)
+bench bench-quick bench-fusion bench-train: export OMP_WAIT_POLICY := PASSIVE
 
 bench: $(STAMP)                ## the question-per-script benchmarks, results in benchmarks/results/
 	$(BIN)/python benchmarks/op_speed.py

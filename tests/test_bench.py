@@ -166,3 +166,29 @@ def test_cli_has_bench():
     assert args.level == "op" and args.quick and args.db == "somewhere" and args.out == "there"
     assert cli.COMMANDS["bench"] is cli.bench.run
     assert parser.parse_args(["bench"]).level == "all"
+
+
+def test_benchmark_commands_rerun_with_torchs_openmp_threads_passive(monkeypatch, tmp_path):
+    """Spinning OpenMP workers would take the cores from the next row; the policy is read when
+    torch loads, so the command re-runs itself with it set, once."""
+    import subprocess
+    import sys
+
+    monkeypatch.delenv(H.OPENMP_WAIT, raising=False)
+    assert H.passive_openmp_argv(["/venv/bin/dcgraph", "bench", "op"], "dcgraph.cli") == [
+        sys.executable, "/venv/bin/dcgraph", "bench", "op"]
+    import os
+
+    assert os.environ[H.OPENMP_WAIT] == "PASSIVE"
+    assert H.passive_openmp_argv(["/venv/bin/dcgraph", "bench"], "dcgraph.cli") is None  # already set
+    monkeypatch.delenv(H.OPENMP_WAIT)
+    assert H.passive_openmp_argv(["/x/dcgraph/bench/__main__.py", "op"], "dcgraph.bench")[1:] == [
+        "-m", "dcgraph.bench", "op"]
+    monkeypatch.delenv(H.OPENMP_WAIT)
+    # the real re-run: the console script's process replaces itself, and the level's machine
+    # info shows the policy its torch ran under
+    env = {k: v for k, v in os.environ.items() if k != H.OPENMP_WAIT}
+    cmd = [sys.executable, "-m", "dcgraph.bench", "op", "--quick", "--repeats", "1", "--out", str(tmp_path)]
+    subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=600)
+    info = json.loads((tmp_path / "fusion_op_quick.json").read_text())["machine"]
+    assert info["omp_wait_policy"] == "PASSIVE"

@@ -85,6 +85,7 @@ def machine_info() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (torch's threads spin)"),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,11 +40,42 @@ class Skipped(Exception):
     """The row is left out on purpose (the reason is the message)."""
 
 
+#: PyTorch's OpenMP workers (libgomp) spin after each parallel region unless this is PASSIVE; read
+#: once, when torch loads libgomp, so it must be in the environment before ``import torch``
+#: (:func:`passive_openmp_argv`). Spinning, they took the cores from the next row's call: ONNX
+#: Runtime's ResNet-18 ran 15.3 ms after a torch row and 9.8 ms with PASSIVE (2-core Zen 5).
+OPENMP_WAIT = "OMP_WAIT_POLICY"
+
+
+def passive_openmp_argv(argv: list[str], module: str) -> list[str] | None:
+    """The command to re-run this process (``argv``: ``sys.argv``; ``module``: what
+    ``python -m`` runs when ``argv[0]`` is a ``__main__.py``) with torch's OpenMP threads not
+    spinning, or None when they already do not (``OMP_WAIT_POLICY`` set, by the user or by the
+    re-run). Sets the variable for the re-run."""
+    if OPENMP_WAIT in os.environ:
+        return None
+    os.environ[OPENMP_WAIT] = "PASSIVE"
+    if argv[0].endswith("__main__.py"):
+        return [sys.executable, "-m", module, *argv[1:]]
+    return [sys.executable, *argv]
+
+
+def rerun_with_passive_openmp(module: str) -> None:
+    """Replace this process by itself with ``OMP_WAIT_POLICY=PASSIVE`` unless it is set (the
+    benchmark commands call this first; never from a library call or a test)."""
+    rerun = passive_openmp_argv(sys.argv, module)
+    if rerun is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(rerun[0], rerun)
+
+
 def set_threads(threads: int) -> None:
     """Fix every runtime's thread count: torch (and inductor's OpenMP code), TVM (read when its
     pool starts, so before the first TVM call), ONNX Runtime (per session, see ``ort_session``).
     TVM's workers spin after each call and steal the cores from the next runtime's call:
-    spinning off (``TVM_THREAD_POOL_SPIN_COUNT=0``), as every TVM timing here."""
+    spinning off (``TVM_THREAD_POOL_SPIN_COUNT=0``), as every TVM timing here; torch's OpenMP
+    threads likewise (:data:`OPENMP_WAIT`, set before torch loads)."""
     import torch
 
     os.environ["TVM_NUM_THREADS"] = str(threads)
@@ -170,7 +202,10 @@ def header(threads: int, extra: str = "") -> tuple[dict, str]:
     info["threads"] = threads
     info["versions"] = versions()
     v = info["versions"]
-    text = (f"{info['cpu']}, {info['cores']} cores, {threads} threads for every runtime; torch "
+    spin = ("no thread pool spinning (OMP_WAIT_POLICY=PASSIVE, TVM spin count 0, ORT spinning off)"
+            if os.environ.get(OPENMP_WAIT, "").upper() == "PASSIVE" else
+            f"torch's OpenMP threads spin (OMP_WAIT_POLICY {info['omp_wait_policy']})")
+    text = (f"{info['cpu']}, {info['cores']} cores, {threads} threads for every runtime, {spin}; torch "
             f"{info['torch']}, onnxruntime {v['onnxruntime']}, TVM {v['tvm']}; {info['date']}." + extra)
     return info, text
 

@@ -107,4 +107,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dcgraph.bench", description=__doc__)
     add_arguments(p)
-    return run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    if argv is None:  # the command line: torch's OpenMP threads passive (harness.OPENMP_WAIT)
+        from .harness import rerun_with_passive_openmp
+
+        rerun_with_passive_openmp("dcgraph.bench")
+    return run(args)

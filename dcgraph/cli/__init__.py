@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None and args.command == "bench":  # the console script: torch's threads passive
+        from dcgraph.bench.harness import rerun_with_passive_openmp
+
+        rerun_with_passive_openmp("dcgraph.cli")
     if args.command is None:
         parser.print_help()
         return 0
