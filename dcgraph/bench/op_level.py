@@ -404,8 +404,7 @@ def run(quick: bool = False, threads: int = 2, repeats: int | None = None, db: s
     summary = summarize(recs)
     info, head = H.header(threads)
     info["tvm_target"] = targets.describe(st.target)
-    info["ort_threads"] = {"intra_op": threads, "inter_op": 1,
-                           "spinning": "off (session.intra_op.allow_spinning=0)"}
+    info["ort_threads"] = {"intra_op": threads, "inter_op": 1, "spinning": "off"}
     info["tvm_env"] = {"TVM_NUM_THREADS": str(threads), "TVM_THREAD_POOL_SPIN_COUNT": "0"}
     data = {"level": "op", "quick": quick, "repeats": st.repeats, "block_ms": st.block_ms, "db": db,
             "machine": info, "rows": {k: {"label": v[0], "family": v[1]} for k, v in ROWS.items()},
