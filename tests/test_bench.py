@@ -171,14 +171,13 @@ def test_cli_has_bench():
 def test_benchmark_commands_rerun_with_torchs_openmp_threads_passive(monkeypatch, tmp_path):
     """Spinning OpenMP workers would take the cores from the next row; the policy is read when
     torch loads, so the command re-runs itself with it set, once."""
+    import os
     import subprocess
     import sys
 
     monkeypatch.delenv(H.OPENMP_WAIT, raising=False)
     assert H.passive_openmp_argv(["/venv/bin/dcgraph", "bench", "op"], "dcgraph.cli") == [
         sys.executable, "/venv/bin/dcgraph", "bench", "op"]
-    import os
-
     assert os.environ[H.OPENMP_WAIT] == "PASSIVE"
     assert H.passive_openmp_argv(["/venv/bin/dcgraph", "bench"], "dcgraph.cli") is None  # already set
     monkeypatch.delenv(H.OPENMP_WAIT)

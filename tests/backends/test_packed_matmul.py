@@ -17,13 +17,11 @@ from dcgraph.backends.tvm.frontends import prepare
 from dcgraph.backends.tvm.packed_matmul import ACCUMULATORS, pack_weight, panel_width, tile_rows
 from dcgraph.backends.tvm.pipeline import lower_pipeline, optimize, relax_pipeline
 from dcgraph.backends.tvm.schedules.common import SCHEDULED
+from dcgraph.testing import relative_error
 
 HOST = targets.resolve("x86")
 RTOL = 1e-5
 
-
-def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got - want).max() / max(1e-12, np.abs(want).max()))
 
 
 @pytest.mark.parametrize("lanes", [4, 8, 16])
@@ -78,7 +76,7 @@ def test_linear_layers_run_packed_with_torch_values(m, k, n, act):
     with torch.no_grad():
         want = model(x)
     assert got.shape == want.shape
-    assert _relative_error(np.asarray(got), want.numpy()) < RTOL
+    assert relative_error(np.asarray(got), want.numpy()) < RTOL
 
 
 @pytest.mark.parametrize(("mcpu", "reg"), [("skylake-avx512", "zmm"), ("znver3", "ymm"), ("haswell", "ymm")])
@@ -106,4 +104,4 @@ def test_a_matmul_of_two_inputs_is_left_to_tvm():
     rng = np.random.default_rng(0)
     av, bv = rng.standard_normal((3, 20), "float32"), rng.standard_normal((20, 30), "float32")
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(av), tvm.runtime.tensor(bv)).numpy()
-    assert _relative_error(got, av.astype("float64") @ bv.astype("float64")) < RTOL
+    assert relative_error(got, av.astype("float64") @ bv.astype("float64")) < RTOL

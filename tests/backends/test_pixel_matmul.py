@@ -17,6 +17,7 @@ from dcgraph.backends.tvm.frontends import prepare
 from dcgraph.backends.tvm.pipeline import lower_pipeline, optimize, relax_pipeline
 from dcgraph.backends.tvm.pixel_matmul import is_pixel_conv
 from dcgraph.backends.tvm.schedules.common import SCHEDULED
+from dcgraph.testing import relative_error
 
 HOST = targets.resolve("x86")
 RTOL = 1e-5
@@ -38,9 +39,6 @@ class SqueezeExcite(nn.Module):
         return self.head(y).flatten(1)
 
 
-def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got - want).max() / max(1e-12, np.abs(want).max()))
-
 
 @pytest.fixture(scope="module")
 def model():
@@ -60,7 +58,7 @@ def test_gates_and_head_run_as_matmuls_with_the_reference_values(model, batch):
     got = tvm_compile(model, HOST, x)(x)
     with torch.no_grad():
         want = model(x)
-    assert _relative_error(np.asarray(got), want.numpy()) < RTOL
+    assert relative_error(np.asarray(got), want.numpy()) < RTOL
 
 
 @pytest.mark.parametrize("mcpu", ["skylake-avx512", "znver3"])
@@ -107,4 +105,4 @@ def test_a_weight_fed_at_run_time_is_transposed_in_the_graph():
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy()
     want = np.einsum("nc,oc->no", a[:, :, 0, 0].astype("float64"), b[:, :, 0, 0].astype("float64"))
     assert got.shape == (2, 40, 1, 1)
-    assert _relative_error(got[:, :, 0, 0], want) < RTOL
+    assert relative_error(got[:, :, 0, 0], want) < RTOL
