@@ -31,8 +31,9 @@ from tvm import te, tirx
 
 from .kernels import _tap_sum, activation, output_size
 
-__all__ = ["channel_block", "conv", "deep_control", "depthwise", "depthwise_deep_control", "from_blocked",
-           "hoisted_shift", "pack_depthwise", "pack_mean_weight", "pack_weight", "to_blocked"]
+__all__ = ["blocking", "channel_block", "conv", "deep_control", "depthwise", "depthwise_deep_control",
+           "from_blocked", "hoisted_shift", "pack_depthwise", "pack_mean_weight", "pack_weight",
+           "padded_channels", "to_blocked"]
 
 
 def channel_block(channels: int, lanes: int) -> int:
@@ -43,29 +44,70 @@ def channel_block(channels: int, lanes: int) -> int:
     return max(cb, 1)
 
 
-def to_blocked(x: te.Tensor, cb: int) -> te.Tensor:
-    """``(N, C, H, W) -> (N, C/cb, H, W, cb)``."""
+def padded_channels(channels: int, lanes: int) -> int:
+    """The channels a blocked tensor stores: ``channels`` rounded up to whole vectors when it is
+    more than one vector but not a whole number of them (24 or 40 at 16 lanes -> 32, 48), else
+    ``channels``. A conv writing 24 channels as 3 half-vector blocks of 8 ran 1.5-1.8x slower than
+    2 full blocks of 16 with 8 zero channels (MobileNetV2's projections, 2-core Zen 5)."""
+    if channels > lanes and channels % lanes:
+        return -(-channels // lanes) * lanes
+    return channels
+
+
+def blocking(channels: int, lanes: int) -> tuple[int, int]:
+    """``(stored channels, channel block)`` of a tensor of ``channels`` (:func:`padded_channels`,
+    :func:`channel_block`). The padding channels hold zeros after a conv (its packed weight is
+    zero there); whatever they hold, no conv reads them into a real channel (zero weights; the
+    convs skip them), and :func:`from_blocked` drops them."""
+    stored = padded_channels(channels, lanes)
+    return stored, channel_block(stored, lanes)
+
+
+def to_blocked(x: te.Tensor, cb: int, stored: int | None = None) -> te.Tensor:
+    """``(N, C, H, W) -> (N, S/cb, H, W, cb)``, ``S = stored`` channels (zeros past ``C``)."""
     n, c, h, w = x.shape
-    return te.compute((n, int(c) // cb, h, w, cb), lambda i, k, y, z, j: x[i, k * cb + j, y, z],
-                      name="to_blocked")
+    c = int(c)
+    stored = stored or c
+
+    def value(i, k, y, z, j):
+        if stored == c:
+            return x[i, k * cb + j, y, z]
+        return tirx.if_then_else(k * cb + j < c, x[i, tirx.min(k * cb + j, c - 1), y, z],
+                                 tirx.const(0.0, x.dtype))
+
+    return te.compute((n, stored // cb, h, w, cb), value, name="to_blocked")
 
 
-def from_blocked(xb: te.Tensor) -> te.Tensor:
-    """``(N, C/cb, H, W, cb) -> (N, C, H, W)``."""
+def from_blocked(xb: te.Tensor, channels: int | None = None) -> te.Tensor:
+    """``(N, S/cb, H, W, cb) -> (N, C, H, W)``: the first ``C = channels`` (default all) of the
+    ``S`` stored channels."""
     n, k, h, w, cb = xb.shape
     cb = int(cb)
-    return te.compute((n, int(k) * cb, h, w), lambda i, c, y, z: xb[i, c // cb, y, z, c % cb],
+    return te.compute((n, channels or int(k) * cb, h, w), lambda i, c, y, z: xb[i, c // cb, y, z, c % cb],
                       name="from_blocked")
 
 
+def _pad_axis(a: np.ndarray, axis: int, block: int) -> np.ndarray:
+    """``a`` with zeros appended along ``axis`` up to a multiple of ``block``."""
+    extra = -a.shape[axis] % block
+    if not extra:
+        return a
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, extra)
+    return np.pad(a, pad)
+
+
 def pack_weight(w: np.ndarray, cbi: int, cbo: int) -> np.ndarray:
-    """``OIHW -> OIHW[cbi]i[cbo]o``: ``(C_out/cbo, C_in/cbi, kh, kw, cbi, cbo)``."""
+    """``OIHW -> OIHW[cbi]i[cbo]o``: ``(C_out/cbo, C_in/cbi, kh, kw, cbi, cbo)``, both channel
+    counts zero-padded to whole blocks."""
+    w = _pad_axis(_pad_axis(w, 0, cbo), 1, cbi)
     co, ci, kh, kw = w.shape
     return np.ascontiguousarray(w.reshape(co // cbo, cbo, ci // cbi, cbi, kh, kw).transpose(0, 2, 4, 5, 3, 1))
 
 
 def pack_depthwise(w: np.ndarray, cb: int) -> np.ndarray:
-    """Depthwise ``(C, 1, kh, kw) -> (C/cb, kh, kw, cb)``."""
+    """Depthwise ``(C, 1, kh, kw) -> (C/cb, kh, kw, cb)`` (``C`` zero-padded to whole blocks)."""
+    w = _pad_axis(w, 0, cb)
     c, _, kh, kw = w.shape
     return np.ascontiguousarray(w.reshape(c // cb, cb, kh, kw).transpose(0, 2, 3, 1))
 
@@ -102,11 +144,13 @@ def _epilogue(acc: te.Tensor, scale: te.Tensor | None, shift: te.Tensor | None, 
 
 def conv(xb: te.Tensor, wp: te.Tensor, scale: te.Tensor | None, shift: te.Tensor | None, *,
          stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-         act: str = "identity", negative_slope: float = 0.01) -> te.Tensor:
+         act: str = "identity", negative_slope: float = 0.01, in_channels: int | None = None) -> te.Tensor:
     """Dense blocked conv with the Deep Control epilogue:
     ``out[n, k, y, z, j] = act(scale[c] * acc + shift[n, c])``,
     ``acc = sum_{ci, r, s} x[n, ci, y*sh + r*dh - ph, z*sw + s*dw - pw] * W[c, ci, r, s]``, with
-    ``c = k * cbo + j``; ``wp`` packed by :func:`pack_weight`. ``scale``/``shift`` None: 1/0."""
+    ``c = k * cbo + j``; ``wp`` packed by :func:`pack_weight`. ``scale``/``shift`` None: 1/0.
+    ``in_channels``: the real input channels when ``x`` stores padding channels past them (the
+    sum skips those)."""
     n, _, h, w, _ = xb.shape
     ko, ki, kh, kw, cbi, cbo = (int(d) for d in wp.shape)
     ho, wo = output_size([int(h), int(w)], [kh, kw], stride, padding, dilation)
@@ -116,6 +160,15 @@ def conv(xb: te.Tensor, wp: te.Tensor, scale: te.Tensor | None, shift: te.Tensor
     rw = te.reduce_axis((0, kw), name="rw")
     rc = te.reduce_axis((0, cbi), name="rc")
     (sh, sw), (dh, dw) = stride, dilation
+    if in_channels is not None and in_channels < ki * cbi:  # one reduction over the real channels
+        ri = te.reduce_axis((0, in_channels), name="ri")
+        acc = te.compute(
+            (n, ko, ho, wo, cbo),
+            lambda i, k, y, z, j: te.sum(
+                xp[i, ri // cbi, y * sh + rh * dh, z * sw + rw * dw, ri % cbi]
+                * wp[k, ri // cbi, rh, rw, ri % cbi, j], axis=[rh, rw, ri]),
+            name="blocked_conv")
+        return _epilogue(acc, scale, shift, act, negative_slope)
     acc = te.compute(
         (n, ko, ho, wo, cbo),
         lambda i, k, y, z, j: te.sum(
@@ -166,9 +219,11 @@ def depthwise_deep_control(xb: te.Tensor, wp: te.Tensor, a: te.Tensor, g: te.Ten
 
 
 def pack_mean_weight(w: np.ndarray, cbo: int) -> np.ndarray:
-    """``OIHW -> OIHW[cbo]o`` (``(C_out/cbo, C_in/groups, kh, kw, cbo)``): the hoisted mean's
+    """``OIHW -> OIHW[cbo]o`` (``(C_out/cbo, C_in/groups, kh, kw, cbo)``, ``C_out`` zero-padded to
+    whole blocks): the hoisted mean's
     product reads the weight as vectors over output channels, each channel block's slice
     contiguous (a plain ``IHWO`` matrix read 64 bytes per 2 KB stride and ran 3x slower)."""
+    w = _pad_axis(w, 0, cbo)
     co, ci, kh, kw = w.shape
     return np.ascontiguousarray(w.reshape(co // cbo, cbo, ci, kh, kw).transpose(0, 2, 3, 4, 1))
 

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import tvm
-from tvm import relax, te
+from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from . import kernels_blocked as kb
@@ -71,17 +72,37 @@ class _Blocker(PyExprMutator):
         """The blocked form of NCHW ``x`` (made once)."""
         if x in self.blocked:
             return self.blocked[x]
-        cb = kb.channel_block(static_shape(x)[1], self.lanes)
-        xb = self._emit(kb.to_blocked, x, name="to_blocked", cb=cb)
+        stored, cb = kb.blocking(static_shape(x)[1], self.lanes)
+        xb = self._emit(kb.to_blocked, x, name="to_blocked", cb=cb, stored=stored)
         if isinstance(x, relax.Var):
             self.blocked[x] = xb
         return xb
 
-    def _unblock(self, xb: relax.Var) -> relax.Var:
-        """Emit the NCHW form of blocked ``xb`` (dead code removes it when nobody reads it)."""
-        out = self._emit(kb.from_blocked, xb, name="from_blocked")
+    def _unblock(self, xb: relax.Var, channels: int) -> relax.Var:
+        """Emit the NCHW form (``channels``) of blocked ``xb`` (dead code removes it when nobody
+        reads it)."""
+        out = self._emit(kb.from_blocked, xb, name="from_blocked", channels=channels)
         self.blocked[out] = xb
         return out
+
+    def _per_channel(self, v: relax.Expr, stored: int) -> relax.Expr:
+        """A per-channel vector ``(C,)`` (or a per-sample ``(N, C)``) zero-padded to ``stored``."""
+        shape = static_shape(v)
+        if shape[-1] == stored:
+            return v
+        data = constant_value(v)
+        if data is not None:
+            pad = [(0, 0)] * (data.ndim - 1) + [(0, stored - shape[-1])]
+            return relax.const(np.pad(data, pad), str(data.dtype))
+        c = shape[-1]
+
+        def te_pad(t: te.Tensor) -> te.Tensor:
+            def value(*i):
+                return tirx.if_then_else(i[-1] < c, t[(*i[:-1], tirx.min(i[-1], c - 1))],
+                                         tirx.const(0.0, t.dtype))
+            return te.compute((*shape[:-1], stored), value, name="pad_channels")
+
+        return self._emit(te_pad, v, name="pad_channels")
 
     def _weight(self, w: relax.Expr, pack, *cbs: int) -> relax.Expr:
         data = constant_value(w)
@@ -90,17 +111,22 @@ class _Blocker(PyExprMutator):
         shape = static_shape(w)
 
         def te_pack(wt: te.Tensor) -> te.Tensor:  # a weight fed at run time: packed by a kernel
+            def at(o, i, r, s):  # zero past the weight's channels (the blocks' padding)
+                ok = tirx.all(o < shape[0], i < shape[1])
+                return tirx.if_then_else(ok, wt[tirx.min(o, shape[0] - 1), tirx.min(i, shape[1] - 1), r, s],
+                                         tirx.const(0.0, wt.dtype))
+
             if pack is kb.pack_mean_weight:
                 cb = cbs[0]
-                return te.compute((shape[0] // cb, shape[1], shape[2], shape[3], cb),
-                                  lambda o, i, r, s, j: wt[o * cb + j, i, r, s], name="pack")
+                return te.compute((-(-shape[0] // cb), shape[1], shape[2], shape[3], cb),
+                                  lambda o, i, r, s, j: at(o * cb + j, i, r, s), name="pack")
             if pack is kb.pack_depthwise:
                 cb = cbs[0]
-                return te.compute((shape[0] // cb, shape[2], shape[3], cb),
-                                  lambda k, r, s, j: wt[k * cb + j, 0, r, s], name="pack")
+                return te.compute((-(-shape[0] // cb), shape[2], shape[3], cb),
+                                  lambda k, r, s, j: at(k * cb + j, 0, r, s), name="pack")
             cbi, cbo = cbs
-            return te.compute((shape[0] // cbo, shape[1] // cbi, shape[2], shape[3], cbi, cbo),
-                              lambda o, i, r, s, ii, oo: wt[o * cbo + oo, i * cbi + ii, r, s], name="pack")
+            return te.compute((-(-shape[0] // cbo), -(-shape[1] // cbi), shape[2], shape[3], cbi, cbo),
+                              lambda o, i, r, s, ii, oo: at(o * cbo + oo, i * cbi + ii, r, s), name="pack")
 
         return self._emit(te_pack, w, name="pack_weight")
 
@@ -152,14 +178,16 @@ class _Blocker(PyExprMutator):
             if y not in self.blocked:
                 return None
             epi = {"act": p["act"], "negative_slope": p["negative_slope"]}
-            raw = self.depthwise_raw.get(self.blocked[y])
+            yb = self.blocked[y]
+            agb = [self._per_channel(v, _stored(yb)) for v in ins[1:]]
+            raw = self.depthwise_raw.get(yb)
             if raw is not None:  # one kernel: the raw conv is left to dead code unless read elsewhere
                 xb, wp, conv = raw
-                out = self._emit(kb.depthwise_deep_control, xb, wp, *ins[1:], name="dc_depthwise_two_pass",
+                out = self._emit(kb.depthwise_deep_control, xb, wp, *agb, name="dc_depthwise_two_pass",
                                  kind="dc_depthwise_two_pass", **conv, **epi)
-                return self._unblock(out)
-            out = self._emit(kb.deep_control, self.blocked[y], *ins[1:], name="dc_two_pass", kind=kind, **epi)
-            return self._unblock(out)
+                return self._unblock(out, static_shape(y)[1])
+            out = self._emit(kb.deep_control, yb, *agb, name="dc_two_pass", kind=kind, **epi)
+            return self._unblock(out, static_shape(y)[1])
         x, w = ins[0], ins[1]
         xs, ws = static_shape(x), static_shape(w)
         if xs is None or ws is None or len(xs) != 4:
@@ -169,10 +197,11 @@ class _Blocker(PyExprMutator):
             return None
         conv = {k: p[k] for k in ("stride", "padding", "dilation")}
         xb = self._block(x)
-        cbi = kb.channel_block(xs[1], self.lanes)
-        cbo = kb.channel_block(ws[0], self.lanes)
+        cbi = int(static_shape(xb)[-1])
+        stored, cbo = kb.blocking(ws[0], self.lanes)
         if kind == "dc_shift":
             wm = self._weight(w, kb.pack_mean_weight, cbo)
+            ins = ins[:2] + [self._per_channel(v, stored) for v in ins[2:]]
             if len(ins) == 5:  # (x, w, a, g, b): no conv bias
                 def shift(x_, w_, a_, g_, b_, **kw):
                     return kb.hoisted_shift(x_, w_, None, a_, g_, b_, **kw)
@@ -187,17 +216,22 @@ class _Blocker(PyExprMutator):
             wp = self._weight(w, kb.pack_weight, cbi, cbo)
             fn = kb.conv
         epi = {"act": p["act"], "negative_slope": p["negative_slope"]}
+        if not depthwise and ws[1] < _stored(xb):  # the conv's sum skips the input's padding
+            conv_kw = {**conv, "in_channels": ws[1]}
+        else:
+            conv_kw = conv
         if kind == "dc_conv":
-            out = self._emit(lambda x_, w_, g_, o_, **kw: fn(x_, w_, g_, o_, **kw), xb, wp, ins[2], ins[3],
-                             name="dc_conv", kind=kind, **conv, **epi)
+            g, o = self._per_channel(ins[2], stored), self._per_channel(ins[3], stored)
+            out = self._emit(lambda x_, w_, g_, o_, **kw: fn(x_, w_, g_, o_, **kw), xb, wp, g, o,
+                             name="dc_conv", kind=kind, **conv_kw, **epi)
         elif kind == "dc_conv_raw":
             out = self._emit(lambda x_, w_, **kw: fn(x_, w_, None, None, **kw), xb, wp, name="dc_conv_raw",
-                             kind=kind, **conv)
+                             kind=kind, **conv_kw)
             if depthwise:
                 self.depthwise_raw[out] = (xb, wp, conv)
         else:
             return None
-        return self._unblock(out)
+        return self._unblock(out, ws[0])
 
     def _op(self, call: relax.Call, name: str, args: list[relax.Expr]) -> relax.Var | None:
         """A layout-agnostic op on blocked inputs, done blocked; None where it stays NCHW."""
@@ -206,9 +240,14 @@ class _Blocker(PyExprMutator):
             return None
         big = static_shape(next(a for a in tensors if a in self.blocked))
         op = relax.op
+        channels = big[1]
+        padded = _stored(self.blocked[next(a for a in tensors if a in self.blocked)]) != channels
         if name in _UNARY:
             new_args = [self.blocked.get(a, a) for a in args]
-            return self._unblock(self.builder_.emit(relax.Call(call.op, new_args, call.attrs, call.ty_args)))
+            return self._unblock(self.builder_.emit(relax.Call(call.op, new_args, call.attrs, call.ty_args)),
+                                 channels)
+        if name == "relax.divide" and padded:  # 0 / 0 in the padding would be NaN, and 0 * NaN too
+            return None
         if name in _BINARY:
             new_args = []
             for a in args:
@@ -219,7 +258,8 @@ class _Blocker(PyExprMutator):
                     new_args.append(self._block(a))
                 else:
                     return None
-            return self._unblock(self.builder_.emit(relax.Call(call.op, new_args, call.attrs, call.ty_args)))
+            return self._unblock(self.builder_.emit(relax.Call(call.op, new_args, call.attrs, call.ty_args)),
+                                 channels)
         x = args[0]
         if x not in self.blocked:
             return None
@@ -232,16 +272,25 @@ class _Blocker(PyExprMutator):
             out = self.builder_.emit(fn(xb, pool_size=a.pool_size, strides=a.strides, padding=a.padding,
                                         dilation=a.dilation, ceil_mode=bool(a.ceil_mode),
                                         layout=f"NCHW{cb}c", out_layout=f"NCHW{cb}c", **kw))
-            return self._unblock(out)
+            return self._unblock(out, channels)
         if name == "relax.mean" and call.attrs.axis is not None:
             axes = sorted(int(v) % 4 for v in call.attrs.axis)
             if axes != [2, 3]:
                 return None
             if bool(call.attrs.keepdims):
-                return self._unblock(self.builder_.emit(op.mean(xb, axis=[2, 3], keepdims=True)))
-            m = self.builder_.emit(op.mean(xb, axis=[2, 3]))  # (N, C/cb, cb): c = k*cb + j
-            return self.builder_.emit(op.reshape(m, [big[0], big[1]]))
+                return self._unblock(self.builder_.emit(op.mean(xb, axis=[2, 3], keepdims=True)), channels)
+            m = self.builder_.emit(op.mean(xb, axis=[2, 3]))  # (N, S/cb, cb): c = k*cb + j
+            m = self.builder_.emit(op.reshape(m, [big[0], _stored(xb)]))
+            if padded:
+                m = self.builder_.emit(op.strided_slice(m, axes=[1], begin=[0], end=[channels]))
+            return m
         return None
+
+
+def _stored(xb: relax.Expr) -> int:
+    """The channels blocked ``xb`` stores (its real ones and any padding)."""
+    shape = static_shape(xb)
+    return int(shape[1]) * int(shape[4])
 
 
 def block_layout(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:

@@ -24,8 +24,8 @@ HOST = targets.resolve("x86")
 HOST_FEATURES = cpu_features(HOST)
 
 # channel counts the small shared cases do not reach: a first layer's 3 channels, full 16-lane
-# blocks with two blocks per register tile (32, 64), an odd number of blocks (48), half blocks
-# (24 -> 8 lanes), strides
+# blocks with two blocks per register tile (32, 64), an odd number of blocks (48), padded blocks
+# (24 and 40 stored as 32 and 48 at 16 lanes; whole 8-lane blocks on AVX2), strides
 CASES = [
     ConvCase("c32_3x3", 1, 32, 64, (14, 14), (3, 3), padding=(1, 1)),
     ConvCase("c48_s2", 2, 16, 48, (15, 15), (3, 3), stride=(2, 2), padding=(1, 1), bias=True),
@@ -34,6 +34,10 @@ CASES = [
     ConvCase("c16_dil", 1, 16, 32, (12, 11), (3, 3), padding=(2, 2), dilation=(2, 2), act="hardswish"),
     # a first layer: 3 channels (a channel block of 1: the shift's row sums vectorise along rows)
     ConvCase("c3_stem", 2, 3, 32, (23, 21), (7, 7), stride=(2, 2), padding=(3, 3), bias=True),
+    # channels stored padded to whole 16-lane vectors (24 -> 32, 40 -> 48): a dense 3x3 reading a
+    # padded input (its sum skips the padding) and a depthwise conv writing padded blocks
+    ConvCase("c24_3x3", 2, 24, 24, (11, 10), (3, 3), stride=(2, 2), padding=(1, 1), act="relu6"),
+    ConvCase("c40_dw5", 1, 40, 40, (9, 9), (5, 5), padding=(2, 2), groups=40, act="silu"),
 ]
 
 
@@ -52,6 +56,28 @@ def test_packed_weight_holds_every_weight_where_the_kernel_reads_it():
     assert m.shape == (2, 24, 3, 3, 16) and m[1, 5, 2, 1, 3] == w[19, 5, 2, 1]
     d = kb.pack_depthwise(w[:, :1], 16)
     assert d.shape == (2, 3, 3, 16) and d[1, 2, 0, 4] == w[20, 0, 2, 0]
+
+
+@pytest.mark.parametrize(("channels", "lanes", "stored", "block"), [(24, 16, 32, 16), (40, 16, 48, 16),
+                                                                     (64, 16, 64, 16), (24, 8, 24, 8),
+                                                                     (3, 16, 3, 1), (12, 16, 12, 4), (20, 8, 24, 8)])
+def test_channels_are_stored_in_whole_vectors_past_one(channels, lanes, stored, block):
+    assert kb.blocking(channels, lanes) == (stored, block)
+
+
+def test_packing_pads_the_channels_with_zeros():
+    """A 24 -> 40 weight at 16 lanes: both channel counts padded to whole blocks (32, 48), every
+    real weight where the kernel reads it, zeros in the padding."""
+    w = np.random.default_rng(0).standard_normal((40, 24, 3, 3)).astype("float32") + 5
+    p = kb.pack_weight(w, 16, 16)
+    assert p.shape == (3, 2, 3, 3, 16, 16)
+    assert p[2, 1, 1, 2, 7, 7] == w[39, 23, 1, 2]
+    assert not p[:, 1, :, :, 8:].any() and not p[2, :, :, :, :, 8:].any()
+    assert np.count_nonzero(p) == w.size
+    m = kb.pack_mean_weight(w, 16)
+    assert m.shape == (3, 24, 3, 3, 16) and m[2, 23, 0, 1, 7] == w[39, 23, 0, 1] and not m[2, ..., 8:].any()
+    d = kb.pack_depthwise(w[:, :1], 16)
+    assert d.shape == (3, 3, 3, 16) and d[2, 1, 2, 7] == w[39, 0, 1, 2] and not d[2, ..., 8:].any()
 
 
 def _resnet(width: int = 16, size: int = 32) -> tuple[tvm.IRModule, torch.nn.Module, torch.Tensor]:

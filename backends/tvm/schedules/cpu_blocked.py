@@ -67,16 +67,22 @@ def schedule_blocked_conv(sch: Schedule, lanes: int = 16) -> bool:
     if stages is None:
         return False
     conv, producers, consumers = stages
-    kinds = iter_kinds(sch, conv)
-    if kinds.count(2) != 4:
+    reductions = iter_kinds(sch, conv).count(2)
+    if reductions not in (3, 4):  # (chunk, kh, kw, lane), or (kh, kw, real channel): padded input
         return False
     out = consumers[-1] if consumers else sch.cache_write(conv, 0, "local")
-    n, ko, oh, ow, co, rk, rh, rw, rc = sch.get_loops(conv)
+    if reductions == 4:
+        n, ko, oh, ow, co, rk, rh, rw, rc = sch.get_loops(conv)
+        order = [rk, rh, rc, rw]
+    else:
+        n, ko, oh, ow, co, rh, rw, rc = sch.get_loops(conv)
+        rk = rh
+        order = [rh, rc, rw]
     wo, kos, cb = extent(sch, ow), extent(sch, ko), extent(sch, co)
     reg_n, oc_tile = conv_tile(wo, kos, cb, lanes)
     koo, koi = sch.split(ko, [None, oc_tile])
     owo, owi = sch.split(ow, [None, reg_n])
-    sch.reorder(n, koo, oh, owo, rk, rh, rc, rw, koi, owi, co)
+    sch.reorder(n, koo, oh, owo, *order, koi, owi, co)
     sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
     if consumers:
         sch.set_scope(conv, 0, "local")
