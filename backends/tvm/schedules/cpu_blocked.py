@@ -142,14 +142,23 @@ def schedule_blocked_depthwise(sch: Schedule, lanes: int = 16) -> bool:
     return True
 
 
+#: a depthwise map of at least this many output pixels has its sum added up tile by tile as the
+#: conv writes it (:func:`schedule_blocked_depthwise_dc`); smaller ones sum the finished map.
+#: Measured hot, alone (2-core Zen 5, MobileNetV2's shapes): 112 px 66 -> 62 us, 112 px stride 2
+#: 76 -> 61, 56 px 78 -> 72, 28 px 45 -> 41, 14 px even, 7 px 22 -> 37 (slower).
+FUSED_SUM_PIXELS = 14 * 14
+
+
 def schedule_blocked_depthwise_dc(sch: Schedule, lanes: int = 16) -> bool:
     """Depthwise conv + two-pass Deep Control in one kernel
     (:func:`..kernels_blocked.depthwise_deep_control`): ``(n, c_chunk)`` parallel; in each
     iteration, per output row, the padded input rows it reads; the channel block's conv
     map (the :func:`schedule_blocked_depthwise` tile: ``reg_n`` columns x the vector channel block
     in registers, the taps around them) written to a scratch map that stays in cache, the map
-    sum (vectorised over the block) and the epilogue (with any elementwise op fused after it)
-    over that map. The output is written once; the input is read once."""
+    sum (vectorised over the block; on maps of :data:`FUSED_SUM_PIXELS` or more added up from
+    each tile as it is written, not from a second read of the scratch map) and the epilogue
+    (with any elementwise op fused after it) over that map. The output is written once; the
+    input is read once."""
     names = _names(sch)
     if "blocked_conv" not in names or "map_sum" not in names:
         return False
@@ -173,20 +182,23 @@ def schedule_blocked_depthwise_dc(sch: Schedule, lanes: int = 16) -> bool:
     sch.vectorize(j)
     sch.compute_at(msum, par, preserve_unit_loops=True)
     sch.compute_at(conv, par, preserve_unit_loops=True)
-    # the map sum: (j | s0, s1) -> (s0, s1 | j), j vectorised
-    sloops = sch.get_loops(msum)
-    sj, s0, s1 = sloops[-3:]
-    sch.reorder(s0, s1, sj)
-    sch.vectorize(sj)
-    sinit = sch.decompose_reduction(msum, s0)
-    sch.vectorize(sch.get_loops(sinit)[-1])
     # the conv tile
     oh, ow, c, rh, rw = sch.get_loops(conv)[-5:]
+    fused_sum = (extent(sch, oh) or 0) * (extent(sch, ow) or 0) >= FUSED_SUM_PIXELS
     reg_n = largest_divisor(extent(sch, ow), 8)
     owo, owi = sch.split(ow, [None, reg_n])
     sch.reorder(oh, owo, rh, rw, owi, c)
     tile = sch.cache_write(conv, 0, "local")
     sch.reverse_compute_at(tile, owo, preserve_unit_loops=True)
+    if fused_sum:  # the map sum added up from each tile as it is written
+        sch.reverse_compute_at(msum, owo, preserve_unit_loops=True)
+    # the map sum: (j | s0, s1) -> (s0, s1 | j), j vectorised
+    sj, s0, s1 = sch.get_loops(msum)[-3:]
+    sch.reorder(s0, s1, sj)
+    sch.vectorize(sj)
+    if not fused_sum:
+        sinit = sch.decompose_reduction(msum, s0)
+        sch.vectorize(sch.get_loops(sinit)[-1])
     _pad_per_row(sch, producers, oh, lanes)
     sch.unroll(rh)
     sch.unroll(rw)
