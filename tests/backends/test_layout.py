@@ -58,9 +58,9 @@ def test_packed_weight_holds_every_weight_where_the_kernel_reads_it():
     assert d.shape == (2, 3, 3, 16) and d[1, 2, 0, 4] == w[20, 0, 2, 0]
 
 
-@pytest.mark.parametrize(("channels", "lanes", "stored", "block"), [(24, 16, 32, 16), (40, 16, 48, 16),
-                                                                     (64, 16, 64, 16), (24, 8, 24, 8),
-                                                                     (3, 16, 3, 1), (12, 16, 12, 4), (20, 8, 24, 8)])
+@pytest.mark.parametrize(("channels", "lanes", "stored", "block"), [
+    (24, 16, 32, 16), (40, 16, 48, 16), (64, 16, 64, 16), (24, 8, 24, 8), (3, 16, 3, 1), (12, 16, 12, 4),
+    (20, 8, 24, 8)])
 def test_channels_are_stored_in_whole_vectors_past_one(channels, lanes, stored, block):
     assert kb.blocking(channels, lanes) == (stored, block)
 
