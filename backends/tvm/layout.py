@@ -1,15 +1,17 @@
 """The blocked layout through the whole graph: ``NCHW -> NCHW[x]c`` for CPU targets.
 
 :func:`block_layout` rewrites a Relax module (after import, before TVM's legalization) so that
-dcgraph's 2-d conv + Deep Control kernels run on blocked tensors (:mod:`.kernels_blocked`;
-``x`` = :func:`.kernels_blocked.channel_block` of the channel count for the target's SIMD
-width), and so do the operators between them that do not care about the layout: elementwise
-ops (a residual add, relu, clip, sigmoid, a Squeeze-Excitation scale), max/avg pooling, the
-global mean, a channel concat. Each rewritten value keeps its ``NCHW`` form as a
-``from_blocked`` binding for any consumer that needs it; the ones nobody reads are removed
-(dead code), so layout changes are left only at the graph's edges and in front of operators
-that need ``NCHW`` (a reshape, a matmul, a conv without Deep Control). Weights are packed
-once here, as constants (never per call).
+dcgraph's 2-d conv + Deep Control kernels run on blocked tensors (:mod:`.kernels_blocked`; ``x``
+and the channels stored, :func:`.kernels_blocked.blocking`, from the channel count and the
+target's SIMD width: 24 channels at 16 lanes are stored as 2 blocks of 16, the last 8 zero; the
+per-channel vectors are padded to match, the convs sum only the real input channels and
+``from_blocked`` drops the padding), and so do the operators between them that do not care about
+the layout: elementwise ops (a residual add, relu, clip, sigmoid, a Squeeze-Excitation scale),
+max/avg pooling, the global mean, a channel concat. Each rewritten value keeps its ``NCHW`` form
+as a ``from_blocked`` binding for any consumer that needs it; the ones nobody reads are removed
+(dead code), so layout changes are left only at the graph's edges and in front of operators that
+need ``NCHW`` (a reshape, a matmul, a conv without Deep Control). Weights are packed once here,
+as constants (never per call).
 
 A depthwise conv's two-pass plan (raw conv, then map sum and epilogue) becomes one kernel
 (:func:`.kernels_blocked.depthwise_deep_control`): a depthwise channel's mean reads only its own
@@ -246,7 +248,8 @@ class _Blocker(PyExprMutator):
             new_args = [self.blocked.get(a, a) for a in args]
             return self._unblock(self.builder_.emit(relax.Call(call.op, new_args, call.attrs, call.ty_args)),
                                  channels)
-        if name == "relax.divide" and padded:  # 0 / 0 in the padding would be NaN, and 0 * NaN too
+        divisor = static_shape(args[1]) if name == "relax.divide" else None
+        if padded and divisor:  # by a per-channel tensor: 0 / 0 in the padding is NaN, and 0 * NaN too
             return None
         if name in _BINARY:
             new_args = []

@@ -161,6 +161,43 @@ def test_blocked_resnet_compiles_for_each_x86_family(mcpu):
     tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
 
 
+class _PaddedChannels(torch.nn.Module):
+    """24- and 40-channel maps (stored padded at 16 lanes) through a residual add, a per-channel
+    divide (kept ``NCHW``: 0 / 0 in the padding), a scalar divide (kept blocked), a depthwise
+    conv and the global mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from dcgraph.nn import DeepControlConv2d
+
+        self.c1 = DeepControlConv2d(3, 24, 3, padding=1, act="relu")
+        self.c2 = DeepControlConv2d(24, 24, 1, act="identity")
+        self.dw = DeepControlConv2d(24, 24, 3, padding=1, groups=24, act="relu6")
+        self.c3 = DeepControlConv2d(24, 40, 1, act="silu")
+        self.scale = torch.nn.Parameter(torch.rand(1, 24, 1, 1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c1(x)
+        y = (self.c2(y) + y) / self.scale
+        y = self.c3(self.dw(y) / 3.0)
+        return y.mean(dim=(2, 3))
+
+
+def test_padded_channels_match_the_eager_model():
+    torch.manual_seed(0)
+    model = _PaddedChannels().eval()
+    with torch.no_grad():  # a live mean (a in [0.5, 1.5)), and a non-trivial gain and offset
+        for m in (model.c1, model.c2, model.dw, model.c3):
+            m.a.uniform_(0.5, 1.5), m.g.uniform_(0.5, 1.5), m.b.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 13, 11)
+    mod = prepare(model, x)
+    names = blocked_kernels(block_layout(mod, 16))
+    assert sum(n.startswith("to_blocked") for n in names) == 2  # the input, and again after the divide
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert relative_error(_run(mod, HOST, [x.numpy()]), want) < RTOL
+
+
 def test_a_blocked_resnet_matches_the_eager_model():
     mod, model, x = _resnet(width=16, size=32)
     with torch.no_grad():
