@@ -33,7 +33,7 @@ from .kernels import _tap_sum, activation, output_size
 
 __all__ = ["blocking", "channel_block", "conv", "deep_control", "depthwise", "depthwise_deep_control",
            "from_blocked", "hoisted_shift", "pack_depthwise", "pack_mean_weight", "pack_weight",
-           "padded_channels", "to_blocked"]
+           "padded_channels", "read_or_zero", "to_blocked"]
 
 
 def channel_block(channels: int, lanes: int) -> int:
@@ -63,19 +63,25 @@ def blocking(channels: int, lanes: int) -> tuple[int, int]:
     return stored, channel_block(stored, lanes)
 
 
+def read_or_zero(t: te.Tensor, index: Sequence, limits: Sequence[int | None]) -> tirx.PrimExpr:
+    """``t[index]`` where each index is below its limit (None: no limit), else 0: a padded
+    block's read. The index is clamped too, so a vectorised select stays in bounds."""
+    bounded = [(v, lim) for v, lim in zip(index, limits, strict=True) if lim is not None]
+    if not bounded:
+        return t[tuple(index)]
+    inside = tirx.all(*[v < lim for v, lim in bounded])
+    clamped = [v if lim is None else tirx.min(v, lim - 1) for v, lim in zip(index, limits, strict=True)]
+    return tirx.if_then_else(inside, t[tuple(clamped)], tirx.const(0.0, t.dtype))
+
+
 def to_blocked(x: te.Tensor, cb: int, stored: int | None = None) -> te.Tensor:
     """``(N, C, H, W) -> (N, S/cb, H, W, cb)``, ``S = stored`` channels (zeros past ``C``)."""
     n, c, h, w = x.shape
     c = int(c)
     stored = stored or c
-
-    def value(i, k, y, z, j):
-        if stored == c:
-            return x[i, k * cb + j, y, z]
-        return tirx.if_then_else(k * cb + j < c, x[i, tirx.min(k * cb + j, c - 1), y, z],
-                                 tirx.const(0.0, x.dtype))
-
-    return te.compute((n, stored // cb, h, w, cb), value, name="to_blocked")
+    limits = [None, c if stored != c else None, None, None]
+    return te.compute((n, stored // cb, h, w, cb),
+                      lambda i, k, y, z, j: read_or_zero(x, [i, k * cb + j, y, z], limits), name="to_blocked")
 
 
 def from_blocked(xb: te.Tensor, channels: int | None = None) -> te.Tensor:
@@ -220,9 +226,9 @@ def depthwise_deep_control(xb: te.Tensor, wp: te.Tensor, a: te.Tensor, g: te.Ten
 
 def pack_mean_weight(w: np.ndarray, cbo: int) -> np.ndarray:
     """``OIHW -> OIHW[cbo]o`` (``(C_out/cbo, C_in/groups, kh, kw, cbo)``, ``C_out`` zero-padded to
-    whole blocks): the hoisted mean's
-    product reads the weight as vectors over output channels, each channel block's slice
-    contiguous (a plain ``IHWO`` matrix read 64 bytes per 2 KB stride and ran 3x slower)."""
+    whole blocks): the hoisted mean's product reads the weight as vectors over output channels,
+    each channel block's slice contiguous (a plain ``IHWO`` matrix read 64 bytes per 2 KB stride
+    and ran 3x slower)."""
     w = _pad_axis(w, 0, cbo)
     co, ci, kh, kw = w.shape
     return np.ascontiguousarray(w.reshape(co // cbo, cbo, ci, kh, kw).transpose(0, 2, 3, 4, 1))

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import tvm
-from tvm import relax, te, tirx
+from tvm import relax, te
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from . import kernels_blocked as kb
@@ -96,13 +96,11 @@ class _Blocker(PyExprMutator):
         if data is not None:
             pad = [(0, 0)] * (data.ndim - 1) + [(0, stored - shape[-1])]
             return relax.const(np.pad(data, pad), str(data.dtype))
-        c = shape[-1]
+        limits = [None] * (len(shape) - 1) + [shape[-1]]
 
         def te_pad(t: te.Tensor) -> te.Tensor:
-            def value(*i):
-                return tirx.if_then_else(i[-1] < c, t[(*i[:-1], tirx.min(i[-1], c - 1))],
-                                         tirx.const(0.0, t.dtype))
-            return te.compute((*shape[:-1], stored), value, name="pad_channels")
+            return te.compute((*shape[:-1], stored), lambda *i: kb.read_or_zero(t, i, limits),
+                              name="pad_channels")
 
         return self._emit(te_pad, v, name="pad_channels")
 
@@ -114,9 +112,7 @@ class _Blocker(PyExprMutator):
 
         def te_pack(wt: te.Tensor) -> te.Tensor:  # a weight fed at run time: packed by a kernel
             def at(o, i, r, s):  # zero past the weight's channels (the blocks' padding)
-                ok = tirx.all(o < shape[0], i < shape[1])
-                return tirx.if_then_else(ok, wt[tirx.min(o, shape[0] - 1), tirx.min(i, shape[1] - 1), r, s],
-                                         tirx.const(0.0, wt.dtype))
+                return kb.read_or_zero(wt, [o, i, r, s], [shape[0], shape[1], None, None])
 
             if pack is kb.pack_mean_weight:
                 cb = cbs[0]
@@ -240,10 +236,11 @@ class _Blocker(PyExprMutator):
         tensors = [a for a in args if static_shape(a) is not None and len(static_shape(a)) > 0]
         if not tensors or not any(a in self.blocked for a in tensors):
             return None
-        big = static_shape(next(a for a in tensors if a in self.blocked))
+        first = next(a for a in tensors if a in self.blocked)
+        big = static_shape(first)
         op = relax.op
         channels = big[1]
-        padded = _stored(self.blocked[next(a for a in tensors if a in self.blocked)]) != channels
+        padded = _stored(self.blocked[first]) != channels
         if name in _UNARY:
             new_args = [self.blocked.get(a, a) for a in args]
             return self._unblock(self.builder_.emit(relax.Call(call.op, new_args, call.attrs, call.ty_args)),

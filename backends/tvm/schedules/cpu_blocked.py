@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from tvm.s_tir import Schedule
 
+from ..kernels_blocked import channel_block
 from .common import conv_stages, extent, has_root, iter_kinds, largest_divisor, parallel, spatial_only
 
 
@@ -208,14 +209,6 @@ def schedule_blocked_depthwise_dc(sch: Schedule, lanes: int = 16) -> bool:
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(tile)[-1])
     return True
-
-
-def channel_block(channels: int, lanes: int) -> int:
-    """The largest of ``lanes, lanes/2, ..., 1`` dividing ``channels`` (as :mod:`..kernels_blocked`)."""
-    cb = lanes
-    while cb > 1 and channels % cb:
-        cb //= 2
-    return cb
 
 
 def _names(sch: Schedule) -> list[str]:
