@@ -7,6 +7,8 @@ fused block becomes dcgraph's two kernels instead of a conv, a mean and an eleme
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Any
 
 import torch
@@ -52,8 +54,10 @@ def from_torch(program: torch.export.ExportedProgram) -> tvm.IRModule:
             raise ImportError_("the program contains the training backward of the fused op; "
                                "export the model in eval mode under torch.no_grad()")
     try:
-        return from_exported_program(program, custom_convert_map={OP_NAME: convert_conv_deep_control},
-                                     unwrap_unit_return_tuple=True)
+        with warnings.catch_warnings():  # torch's own noise when run_decompositions copies its pytrees
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            return from_exported_program(program, custom_convert_map={OP_NAME: convert_conv_deep_control},
+                                         unwrap_unit_return_tuple=True)
     except KeyError as err:  # TVM's importer raises KeyError for an ATen op it has no converter for
         raise ImportError_(f"TVM's torch importer has no converter for {err}; "
                            "the op must be removed or rewritten before compiling") from None
