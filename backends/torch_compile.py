@@ -48,7 +48,7 @@ counters: collections.Counter[str] = collections.Counter()
 OPTIONS = ("target", "db", "init", "convert", "plan", "layout", "fallback")
 
 
-class Fallback(Exception):  # noqa: N818 - a reason, not an error: the graph runs eagerly
+class Fallback(Exception):
     """Why a graph runs eagerly, in one line."""
 
 
@@ -188,6 +188,10 @@ class DcgraphGraph:
         ops = sum(n.op == "call_function" or n.op == "call_method" for n in self.gm.graph.nodes)
         return f"graph {self.index} ({ops} ops)"
 
+    def _tensors(self, args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+        """The inputs that are not frozen: what the TVM build takes."""
+        return tuple(a for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i not in self.static)
+
     def _key(self, args: Sequence[Any]) -> tuple:
         return tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else int(a)
                      for i, a in enumerate(args) if i not in self.static)
@@ -200,7 +204,7 @@ class DcgraphGraph:
             if _writes_state(self.gm):
                 raise Fallback(MUTATES)
             frozen = freeze(self.gm, args, self.static)
-            inputs = tuple(a for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i not in self.static)
+            inputs = self._tensors(args)
             ep = _export(frozen, inputs, self.opts)
             compiled = tvm_compile(ep, self.target, inputs, convert=False, plan=self.opts.plan,
                                    database=self.opts.db, layout=self.opts.layout)
@@ -244,7 +248,7 @@ class DcgraphGraph:
         compiled = self.builds.get(self._key(args)) or self._build(args)
         if compiled is None:
             return self.gm(*args)
-        out = compiled(*[a for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i not in self.static])
+        out = compiled(*self._tensors(args))
         return tuple(out) if isinstance(out, list | tuple) else (out,)
 
 

@@ -18,8 +18,8 @@ from torch import nn
 
 pytest.importorskip("tvm")
 
-from dcgraph import zoo  # noqa: E402
-from dcgraph.testing import live_mean, relative_error  # noqa: E402
+from dcgraph import zoo
+from dcgraph.testing import live_mean, relative_error
 
 RTOL = 1e-4
 STRICT = {"fallback": "error"}  # a graph that cannot be built fails the test instead of running eagerly
@@ -167,5 +167,5 @@ def test_new_batch_sizes_are_built_once_each(counters):
 
 def test_a_wrong_option_is_one_clear_error(counters):
     compiled = torch.compile(nn.ReLU(), backend="dcgraph", options={"taget": "x86"})
-    with torch.no_grad(), pytest.raises(Exception, match="unknown option.*taget"):
+    with torch.no_grad(), pytest.raises(Exception, match=r"unknown option.*taget"):
         compiled(_x(2, 3))

@@ -8,7 +8,6 @@ fused block becomes dcgraph's two kernels instead of a conv, a mean and an eleme
 from __future__ import annotations
 
 import warnings
-
 from typing import Any
 
 import torch
