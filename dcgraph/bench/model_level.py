@@ -15,6 +15,7 @@ a broken mean path would pass the check.
 | ``plain_eager`` | Deep Control as plain ops (``dcgraph.passes.fx`` convert, not fused), eager | peer |
 | ``fused_eager`` | dcgraph's fused op (convert + fuse), eager | dcgraph |
 | ``inductor`` | ``torch.compile`` (inductor) of the plain-ops model | peer |
+| ``torch_compile`` | ``torch.compile(backend="dcgraph")`` of the same plain-ops model | dcgraph |
 | ``ort_plain`` | the plain-ops model exported to ONNX, ONNX Runtime | peer |
 | ``ort_function`` | the fused model exported with ``DeepControlConv`` functions, ONNX Runtime | dcgraph |
 | ``tvm_unfused`` | the plain-ops model through TVM, Deep Control left to TVM's own fusion | peer |
@@ -45,6 +46,7 @@ ROWS: dict[str, tuple[str, str]] = {
     "plain_eager": ("DC plain ops, PyTorch eager", "peer"),
     "fused_eager": ("DC fused op, PyTorch eager", "dcgraph"),
     "inductor": ("DC plain ops, torch.compile (inductor)", "peer"),
+    "torch_compile": ("DC plain ops, torch.compile (dcgraph)", "dcgraph"),
     "ort_plain": ("DC plain ops, ONNX Runtime", "peer"),
     "ort_function": ("DC DeepControlConv functions, ONNX Runtime", "dcgraph"),
     "tvm_unfused": ("DC plain ops, TVM's own fusion", "peer"),
@@ -147,19 +149,20 @@ class _Model:
         tx = tvm.runtime.tensor(x.numpy(), compiled.device())
         return lambda: fn(tx)
 
-    def inductor(self, x: torch.Tensor, info: dict):
+    def inductor(self, x: torch.Tensor, info: dict, backend: str = "inductor"):
         if self.quick:
-            raise H.Skipped("--quick: whole-model torch.compile takes 20-60 s cold")
-        import torch._dynamo
-
-        torch._dynamo.reset()
-        compiled = torch.compile(self.plain, backend="inductor", dynamic=False)
+            raise H.Skipped("--quick: whole-model torch.compile takes 5-60 s cold")
+        options = {"target": self.target, "convert": False} if backend == "dcgraph" else None
+        compiled = torch.compile(self.plain, backend=backend, dynamic=False, options=options)
         t0 = time.perf_counter()
         compiled(x)
         info["compile_s"] = round(time.perf_counter() - t0, 1)
         return lambda: compiled(x)
 
     def candidates(self, batch: int, only: list[str] | None = None) -> list[H.Candidate]:
+        import torch._dynamo
+
+        torch._dynamo.reset()  # once per case: both torch.compile rows stay compiled while timed
         x = self.example(batch)
         with torch.no_grad():
             want_bn = self.bn64(x.double()).numpy()  # the BatchNorm rows
@@ -171,6 +174,7 @@ class _Model:
             "plain_eager": lambda: lambda: self.plain(x),
             "fused_eager": lambda: lambda: self.fused(x),
             "inductor": lambda: self.inductor(x, infos["inductor"]),
+            "torch_compile": lambda: self.inductor(x, infos["torch_compile"], "dcgraph"),
             "ort_plain": lambda: self.ort("plain", x),
             "ort_function": lambda: self.ort("function", x),
             "tvm_unfused": lambda: self.tvm("unfused", x, infos["tvm_unfused"]),
