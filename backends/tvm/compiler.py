@@ -10,16 +10,21 @@ where a database has them (:mod:`.database`), dcgraph's default schedules elsewh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import tvm
 
 from . import targets as targets_
+from .buckets import bucket_sizes, check_batch_major, check_independent, entry_name, merge_buckets
 from .database import open_database
-from .frontends import prepare
+from .errors import CompileError
+from .frontends import as_tuple, prepare
 from .pipeline import kernel_report, lower_pipeline, optimize, uses_blocked
-from .runtime import CompiledModel, InputSpec
+from .runtime import CompiledModel, InputSpec, _flatten
 
 __all__ = ["compile", "inputs_of"]
 
@@ -40,6 +45,7 @@ def compile(
     model: Any, target: str | dict | tvm.target.Target | None = "x86",
     example_inputs: Any = None, *, plan: str = "auto", convert: bool = True,
     fuse_plain: bool = True, database: Any = None, shape: dict | None = None, layout: str = "auto",
+    max_batch: int | None = None, buckets: Sequence[int] | None = None,
 ) -> CompiledModel:
     """Compile ``model`` for ``target`` (preset name, dict, tag or Target).
 
@@ -50,14 +56,52 @@ def compile(
     one written by ``dcgraph tune`` (the sub-database for ``target`` is used) or a single
     JSON database; its records win over the default schedules. ``layout``: ``auto`` (the blocked
     ``NCHW[x]c`` layout on CPU targets, :mod:`.layout`), ``blocked`` or ``nchw`` (the plain kernels).
+    ``max_batch`` / ``buckets``: a dynamic batch; the model is compiled for each bucket (by
+    default the powers of two up to ``max_batch``, and ``max_batch``) into one library and then
+    takes any batch size (:mod:`.buckets`); the example's batch is always a bucket.
     """
     tgt = targets_.resolve(target)
     uses_blocked(tgt, layout)  # an unknown layout fails here, before the import
-    mod = prepare(model, example_inputs, plan=plan, convert=convert, fuse_plain=fuse_plain, shape=shape)
+    example = as_tuple(example_inputs)
+    sizes = bucket_sizes(_batch_of(example, max_batch, buckets), max_batch, buckets)
     if isinstance(database, str | Path):
         database = open_database(database, tgt)
-    inputs = inputs_of(mod)
+    if not sizes:
+        mod = prepare(model, example_inputs, plan=plan, convert=convert, fuse_plain=fuse_plain, shape=shape)
+        inputs, entries = inputs_of(mod), {}
+    else:
+        primary = int(example[0].shape[0])
+        mods = {b: prepare(model, tuple(_resize(e, b) for e in example), plan=plan, convert=convert,
+                           fuse_plain=fuse_plain) for b in sizes}
+        check_batch_major(mods)
+        inputs = [InputSpec(i.name, (-1, *i.shape[1:]), i.dtype) for i in inputs_of(mods[primary])]
+        mod = merge_buckets(mods, primary)
+        entries = {b: entry_name(b, primary) for b in sizes}
     mod = optimize(mod, tgt, database, layout)
     kernels = kernel_report(mod)
     ex = tvm.compile(mod, target=tgt, relax_pipeline=lower_pipeline(tgt))
-    return CompiledModel(ex, tgt, inputs, kernels)
+    compiled = CompiledModel(ex, tgt, inputs, kernels, entries=entries)
+    if sizes and targets_.runs_here(tgt):
+        def run(b: int, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+            return _flatten(compiled._call_entry(entries[b], arrays))
+
+        check_independent(run, [(i.shape[1:], i.dtype) for i in inputs], sizes)
+    return compiled
+
+
+def _batch_of(example: tuple[torch.Tensor, ...], max_batch: int | None, buckets: Any) -> int:
+    """The example's batch size, when a dynamic batch is asked for (checked: every input has it)."""
+    if max_batch is None and buckets is None:
+        return 0
+    if not example or any(e.ndim == 0 for e in example):
+        raise CompileError("a dynamic batch (max_batch / buckets) needs example inputs with a batch dim")
+    batches = {int(e.shape[0]) for e in example}
+    if len(batches) != 1:
+        raise CompileError(f"the example inputs disagree on the batch size: {sorted(batches)}")
+    return batches.pop()
+
+
+def _resize(example: torch.Tensor, batch: int) -> torch.Tensor:
+    """``example`` with ``batch`` samples (its own, repeated as needed): only the shape matters."""
+    reps = -(-batch // example.shape[0])
+    return example.repeat(reps, *[1] * (example.ndim - 1))[:batch].contiguous()

@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,7 @@ from tvm import relax
 from . import targets as targets_
 from .errors import CompileError
 from .pipeline import KernelInfo
-
-FORMAT = "dcgraph-tvm/1"
+from .runner import FORMAT, pad_batch, plan_batches, quiet_native_stderr, run_buckets
 
 __all__ = ["FORMAT", "CompiledModel", "InputSpec", "RemoteModel", "load", "quiet_native_stderr"]
 
@@ -56,17 +55,23 @@ class CompiledModel:
     """
 
     def __init__(self, executable: Any, target: tvm.target.Target, inputs: Sequence[InputSpec],
-                 kernels: Sequence[KernelInfo], path: str | None = None) -> None:
+                 kernels: Sequence[KernelInfo], path: str | None = None,
+                 entries: Mapping[int, str] | None = None) -> None:
         self.executable = executable
         self.target = target
         self.inputs = list(inputs)
         self.kernels = list(kernels)
         self.path = path
+        #: batch buckets (``{batch: VM function}``) of a model compiled with ``max_batch``; empty
+        #: for one static batch (see :mod:`.buckets`)
+        self.entries = dict(sorted((int(b), n) for b, n in (entries or {}).items()))
         self._vm: relax.VirtualMachine | None = None
-        self._main: Any = None  # the VM's "main", looked up once
+        self._fns: dict[str, Any] = {}  # the VM's entry functions, looked up once
         self._dev = tvm.cuda(0) if target.kind.name == "cuda" else tvm.cpu(0)
         self._on_cpu = _is_cpu(self._dev)
-        self._torch_specs = [(tuple(i.shape), getattr(torch, i.dtype, None)) for i in self.inputs]
+        self._torch_specs = {name: [((b, *i.shape[1:]) if self.entries else tuple(i.shape),
+                                     getattr(torch, i.dtype, None)) for i in self.inputs]
+                             for b, name in (self.entries or {0: "main"}).items()}
 
     # -- reporting ---------------------------------------------------------------------------
     @property
@@ -79,6 +84,8 @@ class CompiledModel:
         tuned = sum(k.schedule == "tuned" for k in self.kernels)
         line = (f"{targets_.describe(self.target)}: {len(self.kernels)} kernels, {len(dc)} Deep Control, "
                 f"{tuned} tuned")
+        if self.entries:
+            line += f"; batch buckets {', '.join(map(str, self.entries))} (any batch size)"
         if self.untuned:
             line += f"; UNTUNED: {len(self.untuned)} Deep Control kernels on default schedules (dcgraph tune)"
         return line
@@ -126,14 +133,15 @@ class CompiledModel:
         dev = self.device()
         return [_to_device(a, dev) for a in self._checked(args)]
 
-    def _fast_inputs(self, args: Sequence[Any]) -> list[tvm.runtime.Tensor] | None:
+    def _fast_inputs(self, args: Sequence[Any], name: str = "main") -> list[tvm.runtime.Tensor] | None:
         """The common call, checked cheaply: CPU target, contiguous 64-byte aligned CPU torch
-        tensors of exactly the compiled shapes and dtypes, passed by DLPack; None otherwise (the
-        general path then checks, explains and copies what it must)."""
-        if not self._on_cpu or len(args) != len(self._torch_specs):
+        tensors of exactly the shapes and dtypes of entry ``name``, passed by DLPack; None
+        otherwise (the general path then checks, explains and copies what it must)."""
+        specs = self._torch_specs[name]
+        if not self._on_cpu or len(args) != len(specs):
             return None
         out = []
-        for a, (shape, dtype) in zip(args, self._torch_specs, strict=True):
+        for a, (shape, dtype) in zip(args, specs, strict=True):
             if not (isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dtype == dtype
                     and a.shape == shape and a.is_contiguous() and a.data_ptr() % _ALIGNMENT == 0
                     and not a.requires_grad):
@@ -142,15 +150,35 @@ class CompiledModel:
         return out
 
     def __call__(self, *args: Any) -> Any:
-        fast = self._fast_inputs(args)
-        if self._main is None:
-            self._main = self.vm()["main"]
+        if not self.entries:
+            return self._call_entry("main", args)
+        fast = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) and args[0].ndim else None
+        if fast in self.entries and self._fast_inputs(args, self.entries[fast]) is not None:
+            return self._call_entry(self.entries[fast], args)  # a batch that is a bucket: no copy
+        checked = self._checked(args)
+        batches = {int(a.shape[0]) for a in checked}
+        if len(batches) != 1:
+            raise CompileError(f"the inputs disagree on the batch size: {sorted(batches)}")
+        parts, lo = [], 0
+        for bucket, take in plan_batches(batches.pop(), list(self.entries)):
+            chunk = [_pad_batch(a[lo:lo + take], bucket) for a in checked]
+            out = self._call_entry(self.entries[bucket], chunk)
+            parts.append(_leaf_map(lambda t, take=take: t[:take], out))
+            lo += take
+        return _concat(parts)
+
+    def _call_entry(self, name: str, args: Sequence[Any]) -> Any:
+        """One call of the VM function ``name`` (``main``, or a batch bucket's entry)."""
+        fast = self._fast_inputs(args, name)
+        fn = self._fns.get(name)
+        if fn is None:
+            fn = self._fns[name] = self.vm()[name]
         if fast is not None:
-            out = self._main(*fast)
+            out = fn(*fast)
             spans = [(a.data_ptr(), a.data_ptr() + a.numel() * a.element_size()) for a in args]
             return _unpack(out, _Shared(True, spans))
         tensors = self._tvm_inputs(args)
-        out = self._main(*tensors)
+        out = fn(*tensors)
         as_torch = any(isinstance(a, torch.Tensor) for a in args)
         if self._on_cpu:
             return _unpack(out, _Shared(as_torch, [_span(t) for t in tensors]))
@@ -180,6 +208,8 @@ class CompiledModel:
             fcompile = cross_compiler()
         meta = {"format": FORMAT, "target": _target_json(self.target),
                 "inputs": [asdict(i) for i in self.inputs], "kernels": [asdict(k) for k in self.kernels]}
+        if self.entries:
+            meta["batch"] = {"entries": {str(b): n for b, n in self.entries.items()}}
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".dcgraph-") as tmp:
             lib = Path(tmp) / path.name
             kwargs = {"fcompile": fcompile} if fcompile is not None else {}
@@ -195,28 +225,6 @@ class CompiledModel:
     def remote(self, session: Any) -> RemoteModel:
         """Run on a TVM RPC server (an ARM board, or dcgraph's emulated one): export, upload, load."""
         return RemoteModel(self, session)
-
-
-@contextlib.contextmanager
-def quiet_native_stderr():
-    """Hold back what TVM's C++ side writes to stderr (export and load log a "Scope Saving" /
-    "Scope Loaded" warning per constant); replay it if the block raises."""
-    import sys
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            sink.seek(0)
-            sys.stderr.write(sink.read().decode(errors="replace")[-4000:])
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def _target_json(target: tvm.target.Target) -> dict:
@@ -305,6 +313,30 @@ def _unpack(out: Any, convert: Any) -> Any:
     return items[0] if len(items) == 1 else tuple(items)
 
 
+def _flatten(out: Any) -> list[Any]:
+    return [leaf for item in out for leaf in _flatten(item)] if isinstance(out, tuple) else [out]
+
+
+def _leaf_map(fn: Any, out: Any) -> Any:
+    return tuple(_leaf_map(fn, o) for o in out) if isinstance(out, tuple) else fn(out)
+
+
+def _concat(parts: Sequence[Any]) -> Any:
+    """Bucket calls' outputs (same nesting each) put back together along the batch."""
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], tuple):
+        return tuple(_concat(list(p)) for p in zip(*parts, strict=True))
+    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts)
+
+
+def _pad_batch(a: torch.Tensor | np.ndarray, bucket: int) -> torch.Tensor | np.ndarray:
+    """``a`` zero-padded along the batch up to ``bucket`` samples."""
+    if isinstance(a, torch.Tensor):
+        return a if a.shape[0] == bucket else torch.cat([a, a.new_zeros((bucket - a.shape[0], *a.shape[1:]))])
+    return pad_batch(a, bucket)
+
+
 def load(path: str | os.PathLike) -> CompiledModel:
     """Load a library written by :meth:`CompiledModel.export` (and its ``.json``)."""
     path = Path(path)
@@ -319,7 +351,8 @@ def load(path: str | os.PathLike) -> CompiledModel:
         ex = tvm.runtime.load_module(str(path))
     inputs = [InputSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in meta["inputs"]]
     kernels = [KernelInfo(**k) for k in meta["kernels"]]
-    return CompiledModel(ex, target, inputs, kernels, str(path))
+    entries = (meta.get("batch") or {}).get("entries", {})
+    return CompiledModel(ex, target, inputs, kernels, str(path), {int(b): n for b, n in entries.items()})
 
 
 class RemoteModel:
@@ -342,7 +375,16 @@ class RemoteModel:
         self.dev = session.cuda(0) if compiled.target.kind.name == "cuda" else session.cpu(0)
         self.vm = relax.VirtualMachine(self.module, self.dev)
 
+    def _call(self, name: str, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        out = self.vm[name](*[tvm.runtime.tensor(a, self.dev) for a in arrays])
+        return _flatten(_unpack(out, _host_copy(False)))
+
     def __call__(self, *args: Any) -> Any:
         arrays = self.compiled.check_inputs(args)
-        out = self.vm["main"](*[tvm.runtime.tensor(a, self.dev) for a in arrays])
-        return _unpack(out, _host_copy(any(isinstance(a, torch.Tensor) for a in args)))
+        as_torch = any(isinstance(a, torch.Tensor) for a in args)
+        if not self.compiled.entries:
+            out = self.vm["main"](*[tvm.runtime.tensor(a, self.dev) for a in arrays])
+            return _unpack(out, _host_copy(as_torch))
+        outs = run_buckets(self._call, self.compiled.entries, arrays, arrays[0].shape[0])
+        outs = [torch.from_numpy(o) for o in outs] if as_torch else outs
+        return outs[0] if len(outs) == 1 else tuple(outs)

@@ -1,7 +1,7 @@
 """The ``dcgraph`` command line: one module per command, each with ``add_parser(sub)`` and ``run(args)``.
 
 ``demo`` (the main job), ``convert`` (torch passes), ``onnx`` (ONNX rules), ``compile`` and
-``tune`` (TVM), ``train`` (the digits study), ``bench`` (the fusion suite). Errors the user can
+``tune`` (TVM), ``run`` (an exported library on TVM's runtime alone), ``train`` (the digits study), ``bench`` (the fusion suite). Errors the user can
 fix are printed in one line (``dcgraph <command>: error: ...``) with exit code 1, never as a
 traceback from deep inside TVM.
 """
@@ -13,7 +13,7 @@ import sys
 
 from dcgraph import __version__
 
-from . import bench, compile, convert, demo, onnx, train, tune
+from . import bench, compile, convert, demo, onnx, run, train, tune
 
 DESCRIPTION = """\
 dcgraph: Deep Control (arXiv 1706.03907) as a compiler-level graph transformation.
@@ -25,7 +25,7 @@ conv + norm blocks into it, and TVM kernels for x86, ARM and NVIDIA GPUs.
 """
 
 #: the commands, in the order ``--help`` lists them
-MODULES = (demo, convert, onnx, compile, tune, train, bench)
+MODULES = (demo, convert, onnx, compile, run, tune, train, bench)
 COMMANDS = {m.__name__.rsplit(".", 1)[1]: m.run for m in MODULES}
 
 

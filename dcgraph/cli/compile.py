@@ -8,7 +8,7 @@ import sys
 
 from dcgraph.compare import relative_error
 
-from ._args import reference_output, tvm_model
+from ._args import positive, reference_output, tvm_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="tensor layout of the kernels: blocked (NCHW[x]c, x = the target's float32 vector "
                          "lanes; layout changes only at the model's edges), nchw, auto (default: blocked on "
                          "CPU targets, nchw on GPUs)")
+    cp.add_argument("--max-batch", type=positive, metavar="N",
+                    help="take any batch size: compile batch buckets 1, 2, 4, ... up to N into the one "
+                         "library (exact for models whose samples do not interact, which is checked)")
     cp.add_argument("--db", metavar="DIR", help="MetaSchedule database of tuned records to apply")
     cp.add_argument("--no-convert", action="store_true", help="compile as is (no norm conversion)")
     cp.add_argument("--verify", action="store_true",
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"compiling {args.model} {tuple(shape)} for {targets.describe(target)} ...", file=sys.stderr)
     compiled = compiler.compile(model, target, example, plan=args.plan, layout=args.layout,
                                 convert=not args.no_convert,
-                                database=args.db)
+                                database=args.db, max_batch=args.max_batch)
     print(compiled.summary())
     runner, server = None, None
     if targets.runs_here(target):
