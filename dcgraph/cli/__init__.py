@@ -1,9 +1,9 @@
 """The ``dcgraph`` command line: one module per command, each with ``add_parser(sub)`` and ``run(args)``.
 
 ``demo`` (the main job), ``convert`` (torch passes), ``onnx`` (ONNX rules), ``compile`` and
-``tune`` (TVM), ``run`` (an exported library on TVM's runtime alone), ``train`` (the digits study), ``bench`` (the fusion suite). Errors the user can
-fix are printed in one line (``dcgraph <command>: error: ...``) with exit code 1, never as a
-traceback from deep inside TVM.
+``tune`` (TVM), ``run`` (an exported library on TVM's runtime alone), ``train`` (the digits
+study), ``bench`` (the fusion suite). Errors the user can fix are printed in one line
+(``dcgraph <command>: error: ...``) with exit code 1, never as a traceback from deep inside TVM.
 """
 
 from __future__ import annotations

@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     print("running on the emulated ARM board (qemu-user, TVM's aarch64 runtime) ...", file=sys.stderr)
     res = subprocess.run(argv, env=root.env(), capture_output=True, text=True, check=False, timeout=1800)
     sys.stdout.write(res.stdout)
+    if args.time and res.returncode == 0:
+        print("(timed under qemu emulation: not a measure of an ARM board's speed)")
     if res.returncode != 0:
         lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
         raise ValueError(lines[-1].removeprefix("runner.py: error: ") if lines else
