@@ -69,3 +69,15 @@ def save_program(program: torch.export.ExportedProgram, path: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def check_input(model: nn.Module, example: torch.Tensor, spec: str) -> None:
+    """``model`` runs on ``example`` (one forward pass in eval mode), or a :class:`ModelSpecError`
+    saying in one line that the input does not fit it."""
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except Exception as e:  # a user model may raise anything for a wrong shape
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        raise ModelSpecError(f"{spec} does not take an input of shape {tuple(example.shape)}: "
+                             f"{lines[-1] if lines else type(e).__name__}") from None

@@ -210,7 +210,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("library", metavar="LIB.so", help="the exported library")
     parser.add_argument("-i", "--input", action="append", required=True, metavar="X.npy",
                         help="an input array (numpy.save); once per model input, in order")
-    parser.add_argument("-o", "--output", metavar="Y.npy",
+    parser.add_argument("-o", "--output", metavar="Y.npy", type=_output,
                         help="write the output (.npy, or .npz for several)")
     parser.add_argument("--time", action="store_true", help="time the model: median ms per call")
     parser.add_argument("--repeat", type=_positive, default=20, metavar="N",
@@ -221,6 +221,14 @@ def build_parser(prog: str = "runner.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG)
     add_arguments(parser)
     return parser
+
+
+def _output(text: str) -> str:
+    if not text.endswith((".npy", ".npz")):
+        raise argparse.ArgumentTypeError(f"{text!r} must end in .npy or .npz")
+    if not Path(text).absolute().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: no such directory {str(Path(text).absolute().parent)!r}")
+    return text
 
 
 def _positive(text: str) -> int:

@@ -7,6 +7,8 @@ import argparse
 import sys
 import time
 
+from dcgraph.argtypes import OneLineParser, non_negative, output_dir, positive
+
 LEVELS = ("op", "model", "train", "gpu", "all")
 
 
@@ -18,18 +20,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "and gpu where a GPU is present")
     p.add_argument("--quick", action="store_true",
                    help="few shapes, batch 1, few repeats: a smoke test (CI); no timing assertions")
-    p.add_argument("--db", metavar="DIR",
+    p.add_argument("--db", type=output_dir, metavar="DIR",
                    help="MetaSchedule tuning database (dcgraph tune) for the tuned TVM rows")
-    p.add_argument("--tune", type=int, default=0, metavar="TRIALS",
+    p.add_argument("--tune", type=non_negative, default=0, metavar="TRIALS",
                    help="op and model levels: first tune the TVM kernels of every block / model into --db "
                         "with dcgraph.backends.tvm.tuning (TRIALS per block or model; resumes, so a second "
                         "run costs nothing); about 4 s per trial on 2 cores")
-    p.add_argument("--out", metavar="DIR", default="bench-results",
+    p.add_argument("--out", type=output_dir, metavar="DIR", default="bench-results",
                    help="where the results go: fusion_<level>[_quick].{json,md,png} (default "
                         "./bench-results; the repository's committed results are benchmarks/results)")
-    p.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
-    p.add_argument("--repeats", type=int, help="timed samples per row (default: 20 op, 10 model; quick 5/3)")
-    p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 8; quick 1)")
+    p.add_argument("--threads", type=positive, default=2, help="threads for every runtime (default 2)")
+    p.add_argument("--repeats", type=positive,
+                   help="timed samples per row (default: 20 op, 10 model; quick 5/3)")
+    p.add_argument("--batch", type=positive, nargs="+", help="batch sizes (default 1 8; quick 1)")
     p.add_argument("--shapes", nargs="+", metavar="NAME",
                    help="op level: only these blocks (r18.layer1, mbv2.dw, b0.expand, ...)")
     p.add_argument("--gpu-mode", choices=("build", "run", "all"), default="all",
@@ -44,11 +47,21 @@ def run(args: argparse.Namespace) -> int:
     from . import harness as H
 
     if args.tune and not args.db:
-        print("dcgraph bench: --tune TRIALS needs --db DIR (where the records go)", file=sys.stderr)
+        print("dcgraph bench: error: --tune TRIALS needs --db DIR (where the records go)", file=sys.stderr)
         return 2
     if args.db and not args.tune and not os.path.isdir(args.db):
-        print(f"dcgraph bench: --db {args.db}: no such directory (dcgraph tune writes one)", file=sys.stderr)
+        print(f"dcgraph bench: error: --db {args.db}: no such directory (dcgraph tune writes one)",
+              file=sys.stderr)
         return 2
+    if args.shapes:
+        from .shapes import SHAPES
+
+        known = [s.name for s in SHAPES]
+        unknown = [s for s in args.shapes if s not in known]
+        if unknown:
+            print(f"dcgraph bench: error: unknown block {unknown[0]!r}; the op level's blocks: "
+                  f"{', '.join(known)}", file=sys.stderr)
+            return 2
 
     out = common.use_results_dir(args.out)
     cmd = " ".join(["dcgraph bench", args.level, *(["--quick"] if args.quick else []),
@@ -105,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dcgraph.bench", description=__doc__)
+    p = OneLineParser(prog="python -m dcgraph.bench", description=__doc__)
     add_arguments(p)
     args = p.parse_args(argv)
     if argv is None:  # the command line: torch's OpenMP threads passive (harness.OPENMP_WAIT)

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from dcgraph import __version__
+from dcgraph.argtypes import OneLineParser
 
 from . import bench, compile, convert, demo, onnx, run, train, tune
 
@@ -30,7 +31,7 @@ COMMANDS = {m.__name__.rsplit(".", 1)[1]: m.run for m in MODULES}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="dcgraph", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"dcgraph {__version__}")
@@ -46,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     # torch.export's own deprecation noise (pytree LeafSpec) is not the user's concern
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's own parser: "dcgraph demo: error: unrecognized arguments: ..."
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        (sub.choices[args.command] if args.command else parser).error(
+            f"unrecognized arguments: {' '.join(extra)}")
     if argv is None and args.command == "bench":  # the console script: torch's threads passive
         from dcgraph.bench.harness import rerun_with_passive_openmp
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Any
@@ -10,24 +9,10 @@ from typing import Any
 import torch
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
 def tvm_model(spec: str, input_shape: str | None) -> tuple[object, tuple[int, ...]]:
     """(model, input shape) for compile / tune: a built-in or module:factory model (eval mode),
     a .pt2 program (needs the shape) or an .onnx model (its shape, or ``input_shape`` for symbolic dims)."""
-    from dcgraph.models import load_model, parse_shape
+    from dcgraph.models import check_input, load_model, parse_shape
 
     override = parse_shape(input_shape) if input_shape else None
     if spec.endswith((".onnx", ".pt2")):
@@ -42,7 +27,9 @@ def tvm_model(spec: str, input_shape: str | None) -> tuple[object, tuple[int, ..
             raise ValueError("a .pt2 program needs --input-shape (the shape it was exported with)")
         return spec, override
     model, default_shape = load_model(spec)
-    return model.eval(), override or default_shape or (1, 3, 224, 224)
+    shape = override or default_shape or (1, 3, 224, 224)
+    check_input(model, torch.zeros(shape), spec)
+    return model.eval(), shape
 
 
 def onnx_input_shape(model: Any, override: tuple[int, ...] | None = None) -> tuple[int, ...]:

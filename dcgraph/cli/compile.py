@@ -6,9 +6,10 @@ import argparse
 import os
 import sys
 
+from dcgraph.argtypes import input_shape, output_file, positive
 from dcgraph.compare import relative_error
 
-from ._args import positive, reference_output, tvm_model
+from ._args import reference_output, tvm_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,8 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                "as UNTUNED). Load the library with dcgraph.backends.tvm.load(OUTPUT).")
     cp.add_argument("model", metavar="MODEL")
     cp.add_argument("--target", default="x86", help="x86 | arm | cuda | cuda-sm80 | JSON dict (default x86)")
-    cp.add_argument("-o", "--output", metavar="OUTPUT", help="shared library to write (.so)")
-    cp.add_argument("--input-shape", metavar="N,C,H,W", help="input shape (default: the model's)")
+    cp.add_argument("-o", "--output", type=output_file(".so"), metavar="OUTPUT",
+                    help="shared library to write (.so)")
+    cp.add_argument("--input-shape", type=input_shape, metavar="N,C,H,W",
+                    help="input shape (default: the model's)")
     cp.add_argument("--plan", choices=["auto", "hoisted", "two_pass"], default="auto",
                     help="fused kernel form: hoisted (mean from the input, one pass over the output), "
                          "two_pass (conv, then mean and epilogue over its output), auto (default: "
@@ -57,9 +60,11 @@ def run(args: argparse.Namespace) -> int:
 
     from dcgraph.backends.tvm import compiler, targets
 
-    if args.output and not args.output.endswith(".so"):
-        raise ValueError(f"--output {args.output!r}: the library must end in .so")
     target = targets.resolve(args.target)
+    if args.db:  # a missing or empty database is said before any work
+        from dcgraph.backends.tvm.database import open_database
+
+        open_database(args.db, target)
     model, shape = tvm_model(args.model, args.input_shape)
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     print(f"compiling {args.model} {tuple(shape)} for {targets.describe(target)} ...", file=sys.stderr)

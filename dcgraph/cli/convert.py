@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dcgraph.argtypes import input_shape, output_file
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     conv = sub.add_parser(
@@ -21,17 +23,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                "and is verified in float64;\n--init fresh is the paper's start for training "
                "from scratch (a=1, g=gamma, b=beta), approximate by design.")
     conv.add_argument("model", metavar="MODEL")
-    conv.add_argument("-o", "--output", help="where to write the .pt2 archive (default: none)")
+    conv.add_argument("-o", "--output", type=output_file(".pt2"),
+                      help="where to write the .pt2 archive (default: none)")
     conv.add_argument("--init", choices=["preserve", "fresh"], default="preserve",
                       help="initial a, g, b for converted norms (default preserve)")
     conv.add_argument("--no-fuse", action="store_true",
                       help="stop after the conversion (conv -> DeepControl modules, not fused)")
-    conv.add_argument("--input-shape", metavar="N,C,H,W",
+    conv.add_argument("--input-shape", type=input_shape, metavar="N,C,H,W",
                       help="example input shape (default: the built-in model's, else 1,3,224,224)")
     conv.add_argument("--static-batch", action="store_true",
                       help="export with a fixed batch size instead of a dynamic one")
     conv.add_argument("--no-verify", action="store_true", help="skip the numerical check")
-    conv.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    conv.add_argument("--json", type=output_file(".json"), metavar="PATH",
+                      help="also write the report as JSON")
     conv.set_defaults(run=run)
 
 
@@ -41,14 +45,13 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from dcgraph.models import load_model, parse_shape, save_program
+    from dcgraph.models import check_input, load_model, parse_shape, save_program
     from dcgraph.passes.pipeline import convert_model
 
     model, default_shape = load_model(args.model)
     shape = parse_shape(args.input_shape) if args.input_shape else default_shape or (1, 3, 224, 224)
-    if args.output and not args.output.endswith(".pt2"):
-        raise ValueError(f"--output {args.output!r}: torch.export archives end in .pt2")
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    check_input(model, example, args.model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = convert_model(model, example, args.init, fuse_blocks=not args.no_fuse,

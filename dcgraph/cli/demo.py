@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._args import positive
+from dcgraph.argtypes import positive
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from dcgraph.argtypes import input_shape, output_file
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     onnx_p = sub.add_parser("onnx", help="ONNX in, ONNX out: convert norms to Deep Control, fuse",
@@ -26,21 +28,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                "conversion is exact,\nelse the converted model against the fused one (fusion "
                "is always exact); float32, relative tolerance 1e-4.")
     oc.add_argument("input", metavar="INPUT")
-    oc.add_argument("-o", "--output", required=True, metavar="OUTPUT")
+    oc.add_argument("-o", "--output", required=True, type=output_file(".onnx"), metavar="OUTPUT")
     oc.add_argument("--init", choices=["preserve", "fresh"], default="preserve")
     oc.add_argument("--no-fuse", action="store_true", help="convert only (DeepControl nodes)")
     oc.add_argument("--verify", action="store_true", help="compare in onnxruntime (see below)")
-    oc.add_argument("--input-shape", metavar="N,C,H,W", help="shape for --verify if dims are symbolic")
-    oc.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    oc.add_argument("--input-shape", type=input_shape, metavar="N,C,H,W",
+                    help="shape for --verify if dims are symbolic")
+    oc.add_argument("--json", type=output_file(".json"), metavar="PATH", help="also write the report as JSON")
     oe = onnx_sub.add_parser("export", help="export a PyTorch model to ONNX, norms kept",
                              description="Export MODEL (built-in name or package.module:factory) "
                                          "with the dynamo exporter, BatchNorm not folded into "
                                          "Conv; with --fused, convert and fuse in PyTorch first "
                                          "(dcgraph::conv_deep_control -> ai.dcgraph.DeepControlConv).")
     oe.add_argument("model", metavar="MODEL")
-    oe.add_argument("-o", "--output", required=True)
+    oe.add_argument("-o", "--output", required=True, type=output_file(".onnx"))
     oe.add_argument("--fused", action="store_true", help="rewrite with the torch passes first")
-    oe.add_argument("--input-shape", metavar="N,C,H,W")
+    oe.add_argument("--input-shape", type=input_shape, metavar="N,C,H,W")
     onnx_p.set_defaults(run=run)
 
 
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if args.onnx_command == "export":
         import torch
 
-        from dcgraph.models import load_model
+        from dcgraph.models import check_input, load_model
         from dcgraph.onnx_export import export_onnx
 
         model, default_shape = load_model(args.model)
@@ -65,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             model, report = rewrite(model)
             print(report.summary())
         example = torch.randn(*(shape or default_shape or (1, 3, 224, 224)))
+        check_input(model, example, args.model)
         onnx_tools.save_atomic(export_onnx(model, example), args.output)
         print(f"wrote {args.output}")
         return 0

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ._args import positive
+from dcgraph.argtypes import output_file, positive, positive_float
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "train", help="train a small CNN on the digits data with a chosen normalisation",
         description="Train a small CNN on scikit-learn's handwritten digits (no download; 80/20 "
                     "stratified split, fixed seeds) with no norm, BatchNorm, GroupNorm or Deep "
-                    "Control, and report test accuracy, epochs to 90%% and the activation bytes "
+                    "Control, and report test accuracy, epochs to 90% and the activation bytes "
                     "autograd saves per step. benchmarks/train_grid.py runs the whole grid.")
     tr.add_argument("--norm", choices=["none", "batchnorm", "groupnorm", "deepcontrol",
                                        "deepcontrol_frozen_a"], default="deepcontrol")
@@ -23,8 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="shallow: 3 conv blocks; deep: 12 plain blocks, no residuals")
     tr.add_argument("--epochs", type=positive, default=10)
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--lr", type=float, help="default: by batch size (1: 0.005, 4: 0.02, 32: 0.05)")
-    tr.add_argument("--json", metavar="PATH", help="write the result (with the accuracy curve)")
+    tr.add_argument("--lr", type=positive_float, help="default: by batch size (1: 0.005, 4: 0.02, 32: 0.05)")
+    tr.add_argument("--json", type=output_file(".json"), metavar="PATH",
+                    help="write the result (with the accuracy curve)")
     tr.add_argument("--threads", type=positive, default=2)
     tr.set_defaults(run=run)
 

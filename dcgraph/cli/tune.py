@@ -6,7 +6,9 @@ import argparse
 import os
 import sys
 
-from ._args import non_negative, positive, tvm_model
+from dcgraph.argtypes import input_shape, non_negative, output_dir, output_file, positive
+
+from ._args import tvm_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Import MODEL as `compile` does, extract its kernels (the fused Deep Control "
                     "kernels and TVM's own), spread TRIALS across them by FLOPs (at least --min-trials "
-                    "each; kernels under 1%% of the FLOPs keep the default schedule) and tune them with "
+                    "each; kernels under 1% of the FLOPs keep the default schedule) and tune them with "
                     "MetaSchedule, with a progress bar. Every measured candidate is first checked "
                     "against the kernel's reference on fixed inputs (wrong results are reported and "
                     "never used) and stored in DB/<target key>/ as it is measured. Prints a table of "
@@ -42,11 +44,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="trials every tuned kernel gets at least (default 8)")
     tu.add_argument("--kernels", metavar="NAME,...",
                     help="tune only these kernels (names as in the table; default: all worth tuning)")
-    tu.add_argument("--db", default="tuning-db", metavar="DIR",
+    tu.add_argument("--db", default="tuning-db", type=output_dir, metavar="DIR",
                     help="tuning database directory, one sub-database per target (default ./tuning-db)")
-    tu.add_argument("--rpc", metavar="HOST:PORT", help="TVM RPC tracker to measure on")
+    tu.add_argument("--rpc", type=host_port, metavar="HOST:PORT", help="TVM RPC tracker to measure on")
     tu.add_argument("--key", metavar="NAME", help="device key at the tracker")
-    tu.add_argument("--input-shape", metavar="N,C,H,W", help="input shape (default: the model's)")
+    tu.add_argument("--input-shape", type=input_shape, metavar="N,C,H,W",
+                    help="input shape (default: the model's)")
     tu.add_argument("--plan", choices=["auto", "hoisted", "two_pass"], default="auto",
                     help="fused kernel form, as for compile (default auto)")
     tu.add_argument("--layout", choices=["auto", "blocked", "nchw"], default="auto",
@@ -56,8 +59,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="MetaSchedule cost model (default auto: xgb if installed, else random)")
     tu.add_argument("--no-convert", action="store_true", help="tune as is (no norm conversion)")
     tu.add_argument("--no-progress", action="store_true", help="no progress bar")
-    tu.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    tu.add_argument("--json", type=output_file(".json"), metavar="PATH", help="also write the report as JSON")
     tu.set_defaults(run=run)
+
+
+def host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (a port 1-65535), got {text!r}")
+    return text
 
 
 def run(args: argparse.Namespace) -> int:

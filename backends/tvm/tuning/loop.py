@@ -92,6 +92,7 @@ def tune(
 
     mod = prepare(model, example_inputs, plan=plan, convert=convert, fuse_plain=fuse_plain, shape=shape)
     tasks = extract_tasks(fuse(mod, tgt, layout), tuning_tgt)
+    select(tasks, kernels, skip_share)  # an unknown kernel name fails here, before the database is made
     directory = database_dir(db, tgt)
     database = open_database(db, tgt, create=True)
     (directory / "target.json").write_text(
