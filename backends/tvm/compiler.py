@@ -10,7 +10,7 @@ where a database has them (:mod:`.database`), dcgraph's default schedules elsewh
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ def compile(
     example_inputs: Any = None, *, plan: str = "auto", convert: bool = True,
     fuse_plain: bool = True, database: Any = None, shape: dict | None = None, layout: str = "auto",
     max_batch: int | None = None, buckets: Sequence[int] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> CompiledModel:
     """Compile ``model`` for ``target`` (preset name, dict, tag or Target).
 
@@ -59,7 +60,9 @@ def compile(
     ``max_batch`` / ``buckets``: a dynamic batch; the model is compiled for each bucket (by
     default the powers of two up to ``max_batch``, and ``max_batch``) into one library and then
     takes any batch size (:mod:`.buckets`); the example's batch is always a bucket.
+    ``progress``: called with a line as each stage starts (``dcgraph compile`` prints them).
     """
+    say = progress or (lambda _msg: None)
     tgt = targets_.resolve(target)
     uses_blocked(tgt, layout)  # an unknown layout fails here, before the import
     example = as_tuple(example_inputs)
@@ -67,21 +70,29 @@ def compile(
     if isinstance(database, str | Path):
         database = open_database(database, tgt)
     if not sizes:
+        say("importing the model (dcgraph's passes, then Relax)")
         mod = prepare(model, example_inputs, plan=plan, convert=convert, fuse_plain=fuse_plain, shape=shape)
         inputs, entries = inputs_of(mod), {}
     else:
         primary = int(example[0].shape[0])
-        mods = {b: prepare(model, tuple(_resize(e, b) for e in example), plan=plan, convert=convert,
-                           fuse_plain=fuse_plain) for b in sizes}
+        mods = {}
+        for i, b in enumerate(sizes):
+            say(f"importing the model at batch {b} (bucket {i + 1} of {len(sizes)})")
+            mods[b] = prepare(model, tuple(_resize(e, b) for e in example), plan=plan, convert=convert,
+                              fuse_plain=fuse_plain)
         check_batch_major(mods)
         inputs = [InputSpec(i.name, (-1, *i.shape[1:]), i.dtype) for i in inputs_of(mods[primary])]
         mod = merge_buckets(mods, primary)
         entries = {b: entry_name(b, primary) for b in sizes}
+    say("fusing and scheduling the kernels")
     mod = optimize(mod, tgt, database, layout)
     kernels = kernel_report(mod)
+    say(f"building {len(kernels)} kernels for {targets_.describe(tgt)}")
     ex = tvm.compile(mod, target=tgt, relax_pipeline=lower_pipeline(tgt))
     compiled = CompiledModel(ex, tgt, inputs, kernels, entries=entries)
     if sizes and targets_.runs_here(tgt):
+        say("checking that the buckets agree sample for sample")
+
         def run(b: int, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
             return _flatten(compiled._call_entry(entries[b], arrays))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from dcgraph.argtypes import input_shape, output_file, positive
 from dcgraph.compare import relative_error
@@ -68,9 +69,15 @@ def run(args: argparse.Namespace) -> int:
     model, shape = tvm_model(args.model, args.input_shape)
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     print(f"compiling {args.model} {tuple(shape)} for {targets.describe(target)} ...", file=sys.stderr)
+    start = time.monotonic()
+
+    def progress(message: str) -> None:
+        print(f"[{time.monotonic() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
     compiled = compiler.compile(model, target, example, plan=args.plan, layout=args.layout,
-                                convert=not args.no_convert,
-                                database=args.db, max_batch=args.max_batch)
+                                convert=not args.no_convert, database=args.db, max_batch=args.max_batch,
+                                progress=progress)
+    progress("compiled")
     print(compiled.summary())
     runner, server = None, None
     if targets.runs_here(target):
