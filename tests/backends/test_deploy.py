@@ -193,7 +193,7 @@ def test_dcgraph_run_errors_are_one_line_and_write_nothing(exported, tmp_path, c
         ([str(exported), "-i", str(tmp_path / "wrong.npy"), "-o", str(out)], "has shape (1, 3, 8, 8)"),
         ([str(exported), "-i", str(tmp_path / "f64.npy"), "-o", str(out)], "is float64"),
         ([str(exported), "-i", str(good), "-i", str(good), "-o", str(out)], "takes 1 inputs, got 2"),
-        ([str(exported), "-i", str(good), "-o", str(tmp_path / "y.txt")], "expected a .npy or .npz"),
+        ([str(exported), "-i", str(good), "-o", str(tmp_path / "y.txt")], "must end in .npy or .npz"),
         ([str(exported), "-i", str(good), "-o", str(tmp_path / "nodir" / "y.npy")], "no such directory"),
         ([str(tmp_path / "nothere.so"), "-i", str(good), "-o", str(out)], "must both exist"),
     ]
