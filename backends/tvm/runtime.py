@@ -52,6 +52,10 @@ class CompiledModel:
     caller's tensor. (An output that is a constant of the model would share the VM's copy of
     that constant: do not write into it.) On CUDA, torch CUDA tensors pass by DLPack both ways;
     other inputs are copied to the GPU and the outputs copied back to the host, as before.
+
+    A model compiled with batch buckets (``entries``, :mod:`.buckets`) takes any batch size: a
+    batch that is a bucket is one call as above; any other is split (and zero-padded where the
+    buckets need it) into the calls :func:`.runner.plan_batches` picks, the outputs concatenated.
     """
 
     def __init__(self, executable: Any, target: tvm.target.Target, inputs: Sequence[InputSpec],

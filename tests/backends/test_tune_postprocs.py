@@ -107,22 +107,29 @@ def sample(task, ctx: ms.TuneContext, space: tvm.s_tir.Schedule, seed: int
     return sch, flagged
 
 
-def test_random_candidates_are_flagged_exactly_when_wrong(tasks):
-    """60 random candidates of the hoisted-mean kernel (2 flagged with these seeds; 17 of 300 in
-    a longer run, every one wrong, no wrong one unflagged)."""
+def test_random_candidates_are_flagged_whenever_wrong(tasks):
+    """60 random candidates of the hoisted-mean kernel: every wrong one is flagged, and most
+    flagged ones are wrong. The filter is conservative on purpose (bindings it cannot prove
+    bijective are rejected): with the AVX-512 host's space 2 were flagged, both wrong (17 of 300
+    in a longer run, every one wrong); with an AVX2 Zen 3 host's, 3 were flagged and one of them
+    (seed 29: the tap sums recomputed per window, but each outer iteration re-initialises the
+    rows it recomputes) computed the right result: a lost candidate, never a wrong record."""
     task = tasks["dc_shift"]
     ctx = context(task)
     spaces = ctx.generate_design_space()
     seen = {True: 0, False: 0}
+    correct_but_flagged = 0
     for seed in range(60):
         got = sample(task, ctx, spaces[seed % len(spaces)], seed + 7)
         if got is None:
             continue
         sch, flagged = got
         wrong = error(task, sch.mod)
-        assert (wrong is not None) == flagged, f"seed {seed}: flagged={flagged}, {wrong}"
+        assert flagged or wrong is None, f"seed {seed}: a wrong candidate passed the filter: {wrong}"
+        correct_but_flagged += flagged and wrong is None
         seen[flagged] += 1
     assert seen[False] >= 40 and seen[True] >= 1
+    assert correct_but_flagged <= seen[True] // 2, (correct_but_flagged, seen)
 
 
 @pytest.mark.parametrize("target", ["x86", {"kind": "llvm", "mcpu": "znver3"},
