@@ -12,6 +12,10 @@ fused, then TVM for the target with the default schedules or a tuning database. 
 - ``init``: how norms become Deep Control (``preserve``, ``identity``, ``paper``...);
 - ``convert``: ``False`` for a model that already has Deep Control (norms are left as they are);
 - ``plan`` and ``layout``: the fused kernels' form and the CPU layout, as ``compile`` takes them;
+- ``max_batch``: a graph with a symbolic batch is built once with batch buckets up to this size
+  (as ``compile(..., max_batch=)``), and every batch size runs on that build; mark the batch
+  dynamic on the first call (``torch._dynamo.mark_dynamic(x, 0)``) to get such a graph at once
+  (``dynamic=True`` also makes BatchNorm's float attributes symbolic, which torch.export refuses);
 - ``fallback``: ``"eager"`` (default: a graph that cannot be compiled runs as Dynamo traced it,
   with one log line on the ``dcgraph.torch_compile`` logger saying why) or ``"error"`` (raise).
 
@@ -22,7 +26,8 @@ running statistics), inputs on another device than the target, and anything TVM 
 Frozen weights are checked on every call (the same tensor objects, unchanged version counters):
 an optimizer step or ``load_state_dict`` after compiling makes the next call rebuild the graph.
 A graph with a symbolic size (Dynamo's automatic dynamic shapes after a second input shape) is
-built once per concrete shape on first use. :data:`counters` counts what happened.
+built once per concrete shape on first use, or once for all batch sizes with ``max_batch``.
+:data:`counters` counts what happened.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ log = logging.getLogger("dcgraph.torch_compile")
 #: and conv + Deep Control pairs fused, summed over builds.
 counters: collections.Counter[str] = collections.Counter()
 
-OPTIONS = ("target", "db", "init", "convert", "plan", "layout", "fallback")
+OPTIONS = ("target", "db", "init", "convert", "plan", "layout", "max_batch", "fallback")
 
 
 class Fallback(Exception):
@@ -60,6 +65,7 @@ class Options:
     convert: bool = True
     plan: str = "auto"
     layout: str = "auto"
+    max_batch: int | None = None
     fallback: str = "eager"
 
     @classmethod
@@ -176,6 +182,9 @@ class DcgraphGraph:
         self.target = resolve(opts.target)  # a wrong target is the user's error: raised, not a fallback
         self.static = [i for i, a in enumerate(example) if _is_static(a)]
         self.sizes = [i for i, a in enumerate(example) if not isinstance(a, torch.Tensor)]
+        #: one build for every batch size: ``max_batch`` given and the graph has symbolic sizes
+        #: (a static graph only ever sees its one batch)
+        self._bucketed = bool(opts.max_batch and self.sizes)
         self.frozen: list[tuple[torch.Tensor, int]] = [(example[i], example[i]._version) for i in self.static]
         self.builds: dict[tuple, Any] = {}
         self.eager: str | None = None  #: why the graph runs eagerly (None: it runs on TVM)
@@ -193,6 +202,10 @@ class DcgraphGraph:
         return tuple(a for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i not in self.static)
 
     def _key(self, args: Sequence[Any]) -> tuple:
+        """What a build is for: the input shapes (without the batch with ``max_batch``: one
+        build takes them all; then the size arguments, which follow the shapes, are left out)."""
+        if self._bucketed:
+            return tuple(tuple(a.shape[1:]) for a in self._tensors(args))
         return tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else int(a)
                      for i, a in enumerate(args) if i not in self.static)
 
@@ -207,7 +220,8 @@ class DcgraphGraph:
             inputs = self._tensors(args)
             ep = _export(frozen, inputs, self.opts)
             compiled = tvm_compile(ep, self.target, inputs, convert=False, plan=self.opts.plan,
-                                   database=self.opts.db, layout=self.opts.layout)
+                                   database=self.opts.db, layout=self.opts.layout,
+                                   max_batch=self.opts.max_batch if self._bucketed else None)
         except Exception as exc:
             if self.opts.fallback == "error":
                 raise

@@ -165,6 +165,22 @@ def test_new_batch_sizes_are_built_once_each(counters):
     assert counters["builds"] == 3 and counters["graphs"] == 2
 
 
+def test_max_batch_builds_once_for_every_batch_size(counters):
+    """A batch marked dynamic hands over one symbolic-batch graph; with ``max_batch`` it is built
+    once, with buckets, and batches 3, 8, 5 and 2 all run on that build. (Batch 1 is a graph of its
+    own: Dynamo specialises sizes 0 and 1; that static graph gets a plain build.)"""
+    model = zoo.randomize_norm_stats(zoo.resnet18_like(width=8)).eval()
+    compiled = torch.compile(model, backend="dcgraph", options={**STRICT, "max_batch": 8})
+    with torch.no_grad():
+        for batch in (3, 8, 5, 2, 1):
+            x = _x(batch, 3, 32, 32, seed=batch)
+            if batch == 3:
+                torch._dynamo.mark_dynamic(x, 0)
+            assert relative_error(compiled(x), model(x)) <= RTOL, f"batch {batch}"
+            assert counters["builds"] == (1 if batch > 1 else 2), batch
+    assert counters["graphs"] == 2
+
+
 def test_a_wrong_option_is_one_clear_error(counters):
     compiled = torch.compile(nn.ReLU(), backend="dcgraph", options={"taget": "x86"})
     with torch.no_grad(), pytest.raises(Exception, match=r"unknown option.*taget"):
