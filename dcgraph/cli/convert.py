@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
     shape = parse_shape(args.input_shape) if args.input_shape else default_shape or (1, 3, 224, 224)
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     check_input(model, example, args.model)
+    print(f"converting {args.model} {tuple(shape)}: torch.export, norms -> Deep Control"
+          + ("" if args.no_fuse else ", fusion") + ("" if args.no_verify else ", float64 check") + " ...",
+          file=sys.stderr, flush=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = convert_model(model, example, args.init, fuse_blocks=not args.no_fuse,

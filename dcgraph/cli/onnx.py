@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from dcgraph.argtypes import input_shape, output_file
 
@@ -69,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
             print(report.summary())
         example = torch.randn(*(shape or default_shape or (1, 3, 224, 224)))
         check_input(model, example, args.model)
+        print(f"exporting {args.model} {tuple(example.shape)} with the dynamo exporter ...",
+              file=sys.stderr, flush=True)
         onnx_tools.save_atomic(export_onnx(model, example), args.output)
         print(f"wrote {args.output}")
         return 0
@@ -81,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if not any(n.op_type == "Conv" for n in model.graph.node):
         raise onnx_tools.OnnxFileError(f"{args.input}: the model has no Conv node: nothing to convert")
     external = onnx_tools.uses_external_data(args.input)
+    print(f"rewriting {args.input} ...", file=sys.stderr, flush=True)
     out, report = rewrite_onnx(model, args.init, fuse=not args.no_fuse)
     try:
         onnx_ops.check(out)
