@@ -27,31 +27,17 @@ from __future__ import annotations
 import importlib.util
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from . import harness as H
+from . import peak
 from .onnx_graphs import onnx_model, ort_session
+from .op_plot import plot as plot  # the level's plot, where callers have always found it
+from .op_rows import FAMILY, GOAL, ROWS
 from .shapes import QUICK, SHAPES, OpShape
-
-ROWS: dict[str, tuple[str, str]] = {  # key -> (label, family)
-    "torch_conv": ("PyTorch conv alone", "floor"),
-    "ort_conv": ("ONNX Runtime conv alone", "floor"),
-    "torch_plain": ("PyTorch eager, plain ops", "peer"),
-    "torch_fused": ("dcgraph fused op, PyTorch", "dcgraph"),
-    "inductor": ("torch.compile (inductor), plain ops", "peer"),
-    "ort_plain": ("ONNX Runtime, plain ops", "peer"),
-    "ort_function": ("ONNX Runtime, DeepControlConv function", "dcgraph"),
-    "tvm_unfused": ("TVM, plain ops (TVM's own fusion)", "peer"),
-    "tvm_fused": ("dcgraph TVM fused, untuned", "dcgraph"),
-    "tvm_call": ("dcgraph TVM fused, untuned, compiled(x) on torch tensors", "dcgraph"),
-    "tvm_tuned": ("dcgraph TVM fused, tuned", "dcgraph"),
-}
-FAMILY = {k: fam for k, (_, fam) in ROWS.items()}
-GOAL = 1.05
 
 
 @dataclass
@@ -279,7 +265,8 @@ def summarize(recs: list[dict]) -> dict[str, dict]:
     return out
 
 
-def markdown(recs: list[dict], summary: dict, head: str, repeats: int, command: str) -> str:
+def markdown(recs: list[dict], summary: dict, head: str, repeats: int, command: str,
+             fp32_peak: dict | None = None) -> str:
     keys = [k for k in ROWS if any(k in r["rows"] for r in recs)]
     keys += [k for k in {k for r in recs for k in r["rows"]} if k not in ROWS]
     lines = [
@@ -327,54 +314,11 @@ def markdown(recs: list[dict], summary: dict, head: str, repeats: int, command: 
             elif row.get("status") in (H.NOT_YET, H.SKIPPED):
                 notes.setdefault(f"{row['status']}: {ROWS.get(k, (k,))[0]}: {row['why']}", set()).add(
                     f"{r['layer']}/b{r['batch']}")
-    for note, where in notes.items():
-        lines.append(f"- {note} ({len(where)} blocks)")
+    lines += [f"- {note} ({len(where)} blocks)" for note, where in notes.items()]
+    if fp32_peak is not None:  # how far each kernel is from the machine's limit
+        shown = [k for k in ("torch_conv", "ort_conv", "tvm_fused", "tvm_tuned") if k in keys]
+        lines += peak.kernel_table(recs, {k: v[0] for k, v in ROWS.items()}, shown, fp32_peak)
     return "\n".join(lines)
-
-
-def plot(recs: list[dict], name: str) -> Path | None:
-    """Per layer: each row's time / floor, one panel per batch (log scale, goal line at 1.05x)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import NullFormatter, ScalarFormatter
-    except ImportError:
-        return None
-    batches = sorted({r["batch"] for r in recs})
-    keys = [k for k in ROWS if FAMILY[k] != "floor" and any("vs_floor" in r["rows"].get(k, {}) for r in recs)]
-    fig, axes = plt.subplots(len(batches), 1, figsize=(max(8, 0.9 * len(recs) / len(batches) + 4),
-                                                       3.6 * len(batches)), squeeze=False)
-    cmap = plt.get_cmap("tab10")
-    for ax, batch in zip(axes[:, 0], batches, strict=True):
-        sel = [r for r in recs if r["batch"] == batch]
-        width = 0.8 / max(1, len(keys))
-        for i, k in enumerate(keys):
-            xs, ys = [], []
-            for j, r in enumerate(sel):
-                v = r["rows"].get(k, {}).get("vs_floor")
-                if v:
-                    xs.append(j + (i - (len(keys) - 1) / 2) * width)
-                    ys.append(v)
-            ax.bar(xs, ys, width, label=ROWS[k][0], color=cmap(list(ROWS).index(k) % 10),
-                   hatch="//" if FAMILY[k] == "dcgraph" else None, edgecolor="white", linewidth=0.3)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.axhline(GOAL, color="red", linewidth=0.8, linestyle="--", label=f"goal {GOAL}x")
-        ax.set_yscale("log")
-        top = max([r["rows"].get(k, {}).get("vs_floor") or 1.0 for r in sel for k in keys] + [1.2])
-        ax.set_ylim(0.7, top * 1.15)
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.set_yticks([t for t in (0.8, 1, 1.5, 2, 3, 5, 8, 12, 20) if t <= top * 1.15])
-        ax.set_xticks(range(len(sel)), [r["layer"] for r in sel], rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("time / fastest conv alone")
-        ax.set_title(f"conv + Deep Control + act, batch {batch} (hatched: dcgraph)", fontsize=10)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, ncol=5, loc="upper center")
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
-    path = H.save_plot(fig, name)
-    plt.close(fig)
-    return path
 
 
 def run(quick: bool = False, threads: int = 2, repeats: int | None = None, db: str | None = None,
@@ -384,11 +328,13 @@ def run(quick: bool = False, threads: int = 2, repeats: int | None = None, db: s
     """The op level; writes ``results/fusion_op[_quick].{json,md,png}`` when ``write``."""
     H.set_threads(threads)
     from dcgraph.backends.tvm import targets
+    from dcgraph.backends.tvm.schedules import vector_lanes
 
     st = Settings(threads=threads, repeats=repeats or (5 if quick else 20), block_ms=3.0 if quick else 20.0,
                   db=db, inductor_max=1 if quick else None, extra_rows=dict(extra_rows or {}), only=only,
                   tune_trials=tune_trials,
                   target=targets.resolve({"kind": "llvm", "mcpu": targets.host_cpu(), "num-cores": threads}))
+    fp32_peak = peak.measure(threads, vector_lanes(st.target))
     names = shapes or (QUICK if quick else [s.name for s in SHAPES])
     batches = batches or ([1] if quick else [1, 8])
     jobs = [(s, n) for n in batches for s in SHAPES if s.name in names]
@@ -403,14 +349,14 @@ def run(quick: bool = False, threads: int = 2, repeats: int | None = None, db: s
             print(f"[op {time.perf_counter() - t0:6.1f}s] {s.name} b{batch}: {best}", flush=True)
     summary = summarize(recs)
     info, head = H.header(threads)
-    info["tvm_target"] = targets.describe(st.target)
+    info["tvm_target"], info["fp32_peak"] = targets.describe(st.target), fp32_peak
     info["ort_threads"] = {"intra_op": threads, "inter_op": 1, "spinning": "off"}
     info["tvm_env"] = {"TVM_NUM_THREADS": str(threads), "TVM_THREAD_POOL_SPIN_COUNT": "0"}
     data = {"level": "op", "quick": quick, "repeats": st.repeats, "block_ms": st.block_ms, "db": db,
             "machine": info, "rows": {k: {"label": v[0], "family": v[1]} for k, v in ROWS.items()},
             "cases": recs, "summary": summary, "seconds": round(time.perf_counter() - t0, 1),
             "command": command}
-    md = markdown(recs, summary, head, st.repeats, command)
+    md = markdown(recs, summary, head, st.repeats, command, fp32_peak)
     if write:
         name = H.stem("op", quick)
         H.write_results(name, data, md)
