@@ -8,6 +8,7 @@ import argparse
 import math
 import os
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["OneLineParser", "existing_dir", "input_shape", "non_negative", "output_dir", "output_file",
            "positive", "positive_float"]
@@ -21,34 +22,27 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def positive(text: str) -> int:
+def _number(text: str, kind: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Any:
+    """``kind(text)`` if it parses and is ``ok``, else argparse's error saying what was ``expected``."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
     return value
+
+
+def positive(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
+    return _number(text, float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
 
 
 def input_shape(text: str) -> str:

@@ -23,6 +23,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from dcgraph.compare import relative_error
+
 from .errors import CompileError
 
 __all__ = ["bucket_sizes", "check_batch_major", "check_independent", "entry_name", "merge_buckets"]
@@ -126,8 +128,7 @@ def check_independent(run: Callable[[int, Sequence[np.ndarray]], list[np.ndarray
         for lo in (0, b - small):
             part = run(small, [a[lo:lo + small] for a in arrays])
             for w, p in zip(whole, part, strict=True):
-                ref = w[lo:lo + small]
-                err = float(np.max(np.abs(ref - p)) / max(float(np.max(np.abs(ref))), 1e-30))
+                err = relative_error(p, w[lo:lo + small])
                 if not err <= rtol:
                     raise CompileError(
                         f"samples {lo}..{lo + small - 1} of a batch of {b} differ from the same samples "
