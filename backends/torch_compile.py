@@ -11,7 +11,8 @@ fused, then TVM for the target with the default schedules or a tuning database. 
 - ``db``: a tuning database (``dcgraph tune``'s directory, or one JSON database);
 - ``init``: how norms become Deep Control (``preserve``, ``identity``, ``paper``...);
 - ``convert``: ``False`` for a model that already has Deep Control (norms are left as they are);
-- ``plan`` and ``layout``: the fused kernels' form and the CPU layout, as ``compile`` takes them;
+- ``plan``, ``layout`` and ``winograd``: the fused kernels' form, the CPU layout and whether 3x3
+  stride-1 convs run as Winograd F(m, 3), as ``compile`` takes them;
 - ``max_batch``: a graph with a symbolic batch is built once with batch buckets up to this size
   (as ``compile(..., max_batch=)``), and every batch size runs on that build; mark the batch
   dynamic on the first call (``torch._dynamo.mark_dynamic(x, 0)``) to get such a graph at once
@@ -50,7 +51,7 @@ log = logging.getLogger("dcgraph.torch_compile")
 #: and conv + Deep Control pairs fused, summed over builds.
 counters: collections.Counter[str] = collections.Counter()
 
-OPTIONS = ("target", "db", "init", "convert", "plan", "layout", "max_batch", "fallback")
+OPTIONS = ("target", "db", "init", "convert", "plan", "layout", "winograd", "max_batch", "fallback")
 
 
 class Fallback(Exception):
@@ -65,6 +66,7 @@ class Options:
     convert: bool = True
     plan: str = "auto"
     layout: str = "auto"
+    winograd: bool = True
     max_batch: int | None = None
     fallback: str = "eager"
 
@@ -221,6 +223,7 @@ class DcgraphGraph:
             ep = _export(frozen, inputs, self.opts)
             compiled = tvm_compile(ep, self.target, inputs, convert=False, plan=self.opts.plan,
                                    database=self.opts.db, layout=self.opts.layout,
+                                   winograd=self.opts.winograd,
                                    max_batch=self.opts.max_batch if self._bucketed else None)
         except Exception as exc:
             if self.opts.fallback == "error":

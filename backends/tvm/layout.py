@@ -32,6 +32,7 @@ from tvm import relax, te
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from . import kernels_blocked as kb
+from . import winograd
 from .exprs import constant_value, static_shape
 from .lowering import CONV_ATTR, KERNEL_ATTR
 
@@ -53,10 +54,11 @@ def _conv_params(attrs: Any) -> dict[str, Any]:
 
 @mutator
 class _Blocker(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, lanes: int) -> None:
+    def __init__(self, mod: tvm.IRModule, lanes: int, use_winograd: bool = True) -> None:
         super().__init__(mod)
         self.mod_ = mod
         self.lanes = lanes
+        self.use_winograd = use_winograd
         self.blocked: dict[relax.Var, relax.Var] = {}  # NCHW var (new program) -> its blocked twin
         # a blocked raw depthwise conv -> what makes it (its two-pass epilogue is fused with it)
         self.depthwise_raw: dict[relax.Var, tuple[relax.Var, relax.Expr, dict[str, Any]]] = {}
@@ -207,29 +209,48 @@ class _Blocker(PyExprMutator):
                 def shift(*args, **kw):
                     return kb.hoisted_shift(*args, **kw)
             return self._emit(shift, xb, wm, *ins[2:], name="dc_shift", kind=kind, groups=p["groups"], **conv)
-        if depthwise:
+        epi = {"act": p["act"], "negative_slope": p["negative_slope"]}
+        tile = None if depthwise else self._winograd_tile(x, w, p)
+        if tile is not None:
+            data = constant_value(w)
+            wp = relax.const(winograd.pack_weight(data, tile, cbi, cbo), str(data.dtype))
+            fn = winograd.conv
+            conv_kw = {"tile": tile, "padding": conv["padding"]}
+        elif depthwise:
             wp = self._weight(w, kb.pack_depthwise, cbo)
             fn = kb.depthwise
+            conv_kw = conv
         else:
             wp = self._weight(w, kb.pack_weight, cbi, cbo)
             fn = kb.conv
-        epi = {"act": p["act"], "negative_slope": p["negative_slope"]}
-        if not depthwise and ws[1] < _stored(xb):  # the conv's sum skips the input's padding
-            conv_kw = {**conv, "in_channels": ws[1]}
-        else:
-            conv_kw = conv
+            # the conv's sum skips the input's padding channels
+            conv_kw = {**conv, "in_channels": ws[1]} if ws[1] < _stored(xb) else conv
         if kind == "dc_conv":
             g, o = self._per_channel(ins[2], stored), self._per_channel(ins[3], stored)
             out = self._emit(lambda x_, w_, g_, o_, **kw: fn(x_, w_, g_, o_, **kw), xb, wp, g, o,
-                             name="dc_conv", kind=kind, **conv_kw, **epi)
+                             name="dc_winograd" if tile else "dc_conv", kind=kind, **conv_kw, **epi)
         elif kind == "dc_conv_raw":
-            out = self._emit(lambda x_, w_, **kw: fn(x_, w_, None, None, **kw), xb, wp, name="dc_conv_raw",
-                             kind=kind, **conv_kw)
+            out = self._emit(lambda x_, w_, **kw: fn(x_, w_, None, None, **kw), xb, wp,
+                             name="dc_winograd_raw" if tile else "dc_conv_raw", kind=kind, **conv_kw)
             if depthwise:
                 self.depthwise_raw[out] = (xb, wp, conv)
         else:
             return None
         return self._unblock(out, ws[0])
+
+    def _winograd_tile(self, x: relax.Expr, w: relax.Expr, p: dict[str, Any]) -> int | None:
+        """``m`` of the Winograd F(m, 3) form for this conv, or None for the direct kernel: a 3x3
+        stride-1 conv (:func:`.winograd.applies`) with a constant weight (transformed here, at
+        compile time) over every channel its input stores (no padding channels to skip)."""
+        if not self.use_winograd:
+            return None
+        xs, ws = static_shape(x), static_shape(w)
+        if winograd.applies(ws[2:], p["stride"], p["dilation"], p["groups"], p["padding"]) is not None:
+            return None
+        if constant_value(w) is None or ws[1] != _stored(self._block(x)):
+            return None
+        ho, wo = (xs[i + 2] + 2 * p["padding"][i] - 2 for i in range(2))
+        return winograd.output_tile(ho, wo) if min(ho, wo) >= winograd.MIN_MAP else None
 
     def _op(self, call: relax.Call, name: str, args: list[relax.Expr]) -> relax.Var | None:
         """A layout-agnostic op on blocked inputs, done blocked; None where it stays NCHW."""
@@ -293,15 +314,16 @@ def _stored(xb: relax.Expr) -> int:
     return int(shape[1]) * int(shape[4])
 
 
-def block_layout(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
+def block_layout(mod: tvm.IRModule, lanes: int, use_winograd: bool = True) -> tvm.IRModule:
     """``mod`` with dcgraph's 2-d conv kernels and the layout-agnostic ops around them in
-    ``NCHW[x]c`` (see the module docstring); ``lanes``: the target's float32 SIMD width."""
+    ``NCHW[x]c`` (see the module docstring); ``lanes``: the target's float32 SIMD width;
+    ``use_winograd``: 3x3 stride-1 convs as Winograd F(m, 3) (:mod:`.winograd`), else all direct."""
     if lanes <= 1:
         return mod
     updates = {}
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
-            blocker = _Blocker(mod, lanes)
+            blocker = _Blocker(mod, lanes, use_winograd)
             new = blocker.visit_expr(func)
             if blocker.count:
                 updates[gv] = new

@@ -52,12 +52,15 @@ def _legalize_map(target: tvm.target.Target) -> dict:
             "relax.matmul": functools.partial(legalize_matmul, lanes=lanes)}
 
 
-def fuse(mod: tvm.IRModule, target: tvm.target.Target, layout: str = "auto") -> tvm.IRModule:
+def fuse(mod: tvm.IRModule, target: tvm.target.Target, layout: str = "auto", winograd: bool = True
+         ) -> tvm.IRModule:
     """Legalize and fuse ``mod``: its PrimFuncs are then the kernels that get tuned or scheduled
     (what :mod:`.tuning` extracts as tasks, and what :func:`optimize` schedules). ``layout``:
-    ``auto`` (blocked ``NCHW[x]c`` on CPU targets, :mod:`.layout`), ``blocked`` or ``nchw``."""
+    ``auto`` (blocked ``NCHW[x]c`` on CPU targets, :mod:`.layout`), ``blocked`` or ``nchw``.
+    ``winograd``: in the blocked layout, 3x3 stride-1 convs as Winograd F(m, 3) (:mod:`.winograd`);
+    False keeps every conv direct."""
     if uses_blocked(target, layout):
-        mod = block_layout(mod, vector_lanes(target))
+        mod = block_layout(mod, vector_lanes(target), use_winograd=winograd)
     passes = [
         *_backend(target).library_dispatch_passes(target),
         relax.transform.FoldConstant(),  # a weight's permute_dims: a constant for legalize_matmul
@@ -71,10 +74,11 @@ def fuse(mod: tvm.IRModule, target: tvm.target.Target, layout: str = "auto") -> 
         return tvm.transform.Sequential(passes)(mod)
 
 
-def optimize(mod: tvm.IRModule, target: tvm.target.Target, database=None, layout: str = "auto"
-             ) -> tvm.IRModule:
-    """Legalize, fuse and schedule ``mod`` (``database``: MetaSchedule records to apply first)."""
-    mod = fuse(mod, target, layout)
+def optimize(mod: tvm.IRModule, target: tvm.target.Target, database=None, layout: str = "auto",
+             winograd: bool = True) -> tvm.IRModule:
+    """Legalize, fuse and schedule ``mod`` (``database``: MetaSchedule records to apply first;
+    ``layout``, ``winograd``: as for :func:`fuse`)."""
+    mod = fuse(mod, target, layout, winograd)
     with target:
         if database is not None:
             with database:
@@ -95,12 +99,13 @@ def lower_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return _lower
 
 
-def relax_pipeline(target: tvm.target.Target, database=None, layout: str = "auto") -> tvm.transform.Pass:
+def relax_pipeline(target: tvm.target.Target, database=None, layout: str = "auto", winograd: bool = True
+                   ) -> tvm.transform.Pass:
     """The whole pipeline as one pass, for ``tvm.compile(mod, target, relax_pipeline=...)``."""
 
     @tvm.transform.module_pass(opt_level=0, name="dcgraph.Pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return lower_pipeline(target)(optimize(mod, target, database, layout))
+        return lower_pipeline(target)(optimize(mod, target, database, layout, winograd))
 
     return _pipeline
 

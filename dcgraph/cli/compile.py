@@ -43,6 +43,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="tensor layout of the kernels: blocked (NCHW[x]c, x = the target's float32 vector "
                          "lanes; layout changes only at the model's edges), nchw, auto (default: blocked on "
                          "CPU targets, nchw on GPUs)")
+    cp.add_argument("--no-winograd", action="store_true",
+                    help="keep every conv direct (by default, in the blocked layout, 3x3 stride-1 convs "
+                         "run as Winograd F(m,3): 1.3-2.6x faster, float32 error ~1e-6 of the output's "
+                         "range, their weights 1.8-4x larger)")
     cp.add_argument("--max-batch", type=positive, metavar="N",
                     help="take any batch size: compile batch buckets 1, 2, 4, ... up to N into the one "
                          "library (exact for models whose samples do not interact, which is checked)")
@@ -76,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     compiled = compiler.compile(model, target, example, plan=args.plan, layout=args.layout,
                                 convert=not args.no_convert, database=args.db, max_batch=args.max_batch,
-                                progress=progress)
+                                progress=progress, winograd=not args.no_winograd)
     progress("compiled")
     print(compiled.summary())
     runner, server = None, None

@@ -55,6 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tu.add_argument("--layout", choices=["auto", "blocked", "nchw"], default="auto",
                     help="tensor layout, as for compile (default auto); records apply to builds of the "
                          "same layout")
+    tu.add_argument("--no-winograd", action="store_true",
+                    help="tune the direct kernels of 3x3 stride-1 convs, as for compile --no-winograd")
     tu.add_argument("--cost-model", choices=["auto", "xgb", "random"], default="auto",
                     help="MetaSchedule cost model (default auto: xgb if installed, else random)")
     tu.add_argument("--no-convert", action="store_true", help="tune as is (no norm conversion)")
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         report = tune(model, target, example, trials=args.trials, db=args.db, rpc=args.rpc, key=args.key,
                       cost_model=args.cost_model, progress=not args.no_progress and sys.stderr.isatty(),
                       convert=not args.no_convert, plan=args.plan, layout=args.layout,
-                      min_trials=args.min_trials,
+                      winograd=not args.no_winograd, min_trials=args.min_trials,
                       kernels=args.kernels.split(",") if args.kernels else None)
     except TuneError as e:
         if e.report is not None:

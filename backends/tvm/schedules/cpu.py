@@ -41,6 +41,7 @@ from .cpu_other_ops import (
     schedule_injective,
     schedule_matmul,
 )
+from .cpu_winograd import schedule_blocked_winograd
 
 
 def _pick_tile(size: int | None, choices: tuple[int, ...]) -> int:
@@ -193,6 +194,7 @@ def schedule_parallel_cpu(sch: Schedule, lanes: int = 8) -> bool:
 #: The CPU rules in the order they are tried; the first that applies names the schedule
 #: (``dcgraph.schedule`` = the rule's name). ``compile`` and ``tune`` both go through this list.
 CPU_RULES: tuple[tuple[str, Callable[[Schedule, int], bool]], ...] = (
+    ("blocked_winograd", schedule_blocked_winograd),
     ("blocked_conv", schedule_blocked_conv),
     ("blocked_depthwise_dc", schedule_blocked_depthwise_dc),
     ("blocked_depthwise", schedule_blocked_depthwise),

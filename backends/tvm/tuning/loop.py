@@ -65,11 +65,12 @@ def tune(
     progress: bool = True, convert: bool = True, plan: str = "auto", fuse_plain: bool = True,
     shape: dict | None = None, min_trials: int = MIN_TRIALS, skip_share: float = SKIP_SHARE,
     kernels: Sequence[str] | None = None, timeout: float | None = None, layout: str = "auto",
+    winograd: bool = True,
 ) -> TuneReport:
     """Tune ``model``'s kernels for ``target``, ``trials`` trials in all; records in ``db/<target key>/``.
 
-    ``model``/``example_inputs``/``convert``/``plan``/``fuse_plain``/``shape``/``layout``: as for
-    ``compile`` (an ``IRModule`` is taken as is). ``rpc="host:port"`` and ``key``:
+    ``model``/``example_inputs``/``convert``/``plan``/``fuse_plain``/``shape``/``layout``/``winograd``:
+    as for ``compile`` (an ``IRModule`` is taken as is). ``rpc="host:port"`` and ``key``:
     measure on the devices of ``key`` registered with that TVM RPC tracker (builds stay here).
     ``cost_model``: ``auto`` (XGBoost if installed, else random), ``xgb`` or ``random``.
     ``kernels``: tune only the tasks of these names (the table of a first run lists them); the
@@ -91,7 +92,7 @@ def tune(
     tuning_tgt = tuning_target(tgt, threads)
 
     mod = prepare(model, example_inputs, plan=plan, convert=convert, fuse_plain=fuse_plain, shape=shape)
-    tasks = extract_tasks(fuse(mod, tgt, layout), tuning_tgt)
+    tasks = extract_tasks(fuse(mod, tgt, layout, winograd), tuning_tgt)
     select(tasks, kernels, skip_share)  # an unknown kernel name fails here, before the database is made
     directory = database_dir(db, tgt)
     database = open_database(db, tgt, create=True)

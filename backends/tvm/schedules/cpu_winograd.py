@@ -1,0 +1,106 @@
+"""Default CPU schedule for the blocked Winograd conv (:mod:`..winograd`).
+
+- ``pad``: ``(n, chunk, row)`` in parallel, the channel block vectorised.
+- ``winograd_input``: per ``(n, chunk, tile)`` in parallel, ``B^T d`` (``winograd_input_rows``)
+  into a local buffer, then ``(B^T d) B``; the transform elements unrolled (each is then a
+  constant-coefficient sum of its non-zero terms), the channel block vectorised.
+- ``winograd_gemm``: the direct kernel's register tile on a 1x1-conv-like GEMM: per transform
+  element ``(e, u)`` and output-channel pair, :data:`..winograd.PIXEL_TILE` tiles x 2 channel
+  blocks accumulate in registers over the input channels (pixels outside, channel blocks inside,
+  so one broadcast of ``V`` feeds both weight vectors), written once per tile.
+- the output transform, with the Deep Control epilogue and any fused consumers (a residual add,
+  relu) inlined into one block: per ``(n, chunk, tile row)`` in parallel, per tile ``A^T M``
+  (``winograd_output_rows``) into a local buffer, then its ``m x m`` outputs unrolled, the
+  channel block vectorised.
+"""
+
+from __future__ import annotations
+
+from tvm.s_tir import Schedule
+
+from ..winograd import PIXEL_TILE
+from .common import extent, has_root, parallel
+
+
+def _blocks(sch: Schedule) -> dict[str, object] | None:
+    if not has_root(sch):
+        return None
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    names = [sch.get(b).name_hint for b in blocks]
+    if "winograd_gemm" not in names or "winograd_output" not in names:
+        return None
+    return {"blocks": blocks, "names": names}
+
+
+def schedule_blocked_winograd(sch: Schedule, lanes: int = 16) -> bool:
+    """Schedule a :func:`..winograd.conv` PrimFunc (see the module docstring); False if it is not one."""
+    found = _blocks(sch)
+    if found is None:
+        return False
+    blocks, names = found["blocks"], found["names"]
+    out_idx = names.index("winograd_output")
+    consumers = blocks[out_idx:]
+    for block in consumers[:-1]:  # the output transform, a residual add ...: one block
+        sch.compute_inline(block)
+    out = consumers[-1]
+    m = _tile_size(sch)
+
+    pad = sch.get_sblock("pad")
+    loops = sch.get_loops(pad)
+    parallel(sch, sch.fuse(*loops[:3]))
+    sch.vectorize(loops[-1])
+
+    inp = sch.get_sblock("winograd_input")
+    e, v, n, c, p, j = sch.get_loops(inp)
+    sch.reorder(n, c, p, e, v, j)
+    tile_loop = sch.fuse(n, c, p)
+    parallel(sch, tile_loop)
+    sch.unroll(e)
+    sch.unroll(v)
+    sch.vectorize(j)
+    _tile_stage(sch, "winograd_input_rows", tile_loop)
+
+    gemm = sch.get_sblock("winograd_gemm")
+    n, k, p, e, v, j, rk, rc = sch.get_loops(gemm)
+    oc_tile = 2 if (extent(sch, k) or 1) % 2 == 0 else 1
+    ko, ki = sch.split(k, [None, oc_tile])
+    po, pi = sch.split(p, [None, PIXEL_TILE])
+    sch.reorder(e, v, n, ko, po, rk, rc, pi, ki, j)
+    acc = sch.cache_write(gemm, 0, "local")
+    sch.reverse_compute_at(acc, po, preserve_unit_loops=True)
+    parallel(sch, sch.fuse(e, v, n, ko))
+    sch.unroll(pi)
+    sch.unroll(ki)
+    sch.vectorize(j)
+    init = sch.decompose_reduction(gemm, rk)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(acc)[-1])
+
+    n, k, y, z, j = sch.get_loops(out)
+    yo, yi = sch.split(y, [None, m])
+    zo, zi = sch.split(z, [None, m])
+    sch.reorder(n, k, yo, zo, yi, zi, j)
+    parallel(sch, sch.fuse(n, k, yo))
+    sch.unroll(yi)
+    sch.unroll(zi)
+    sch.vectorize(j)
+    _tile_stage(sch, "winograd_output_rows", zo)
+    return True
+
+
+def _tile_stage(sch: Schedule, name: str, loop) -> None:
+    """The first half of a separable transform (``B^T d`` or ``A^T M``): one tile's worth computed
+    under ``loop`` into a local buffer, its two small loops unrolled, the channel block vectorised."""
+    block = sch.get_sblock(name)
+    sch.compute_at(block, loop, preserve_unit_loops=True)
+    sch.set_scope(block, 0, "local")
+    *_, r, b, j = sch.get_loops(block)
+    sch.unroll(r)
+    sch.unroll(b)
+    sch.vectorize(j)
+
+
+def _tile_size(sch: Schedule) -> int:
+    """``m`` of the kernel: the transform elements per axis (``m + 2``, the GEMM's ``e`` extent) - 2."""
+    loops = sch.get_loops(sch.get_sblock("winograd_gemm"))
+    return int(extent(sch, loops[3])) - 2
