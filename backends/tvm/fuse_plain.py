@@ -42,6 +42,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.dpl import DFPattern, WildcardPattern, is_const, is_op, wildcard
 
+from .fold_numpy import fold_constant_arithmetic
 from .lowering import LoweringOptions, current_options, emit_conv_deep_control
 from .lowering import options as lowering_options
 
@@ -374,7 +375,7 @@ def fuse_plain_deep_control(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
 
     Returns ``(new module, number of chains replaced)``; with no match, ``mod`` itself.
     """
-    folded = relax.transform.FoldConstant()(mod)
+    folded = relax.transform.FoldConstant()(fold_constant_arithmetic(mod))
     per_func = {}
     for gv, func in folded.functions_items():
         if isinstance(func, relax.Function):

@@ -98,7 +98,7 @@ def pack_weight(w: np.ndarray, m: int, cbi: int, cbo: int) -> np.ndarray:
     kp, cp = -(-k // cbo) * cbo, -(-c // cbi) * cbi
     wpad = np.zeros((kp, cp, 3, 3), np.float64)
     wpad[:k, :c] = w
-    u = np.einsum("ar,kcrs,bs->abkc", g, wpad, g)
+    u = (g @ wpad @ g.T).transpose(2, 3, 0, 1)  # (a, b, K, C): G g G^T per channel pair, batched
     a = m + 2
     u = u.reshape(a * a, kp // cbo, cbo, cp // cbi, cbi).transpose(0, 1, 3, 4, 2)
     return np.ascontiguousarray(u.astype(w.dtype))
