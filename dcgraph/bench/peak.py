@@ -106,7 +106,9 @@ def kernel_table(recs: list[dict], labels: dict[str, str], keys: list[str], peak
     median time) and as a share of ``peak``; the GFLOP/s go into each row's record too."""
     top = peak.get("gflops")
     lines = ["", f"Per kernel: the conv's GFLOP/s over each row's median time, and its share of the "
-             f"machine's {describe(peak)}", "",
+             f"machine's {describe(peak)} The flops are the direct conv's (2 x MACs): a kernel doing "
+             "fewer operations (dcgraph's Winograd F(m, 3) for 3x3 stride-1 convs: 2.25x or 4x fewer "
+             "multiplies) reads as the direct-conv-equivalent rate and can pass 100%.", "",
              "| layer | batch | GFLOP | " + " | ".join(labels[k] for k in keys) + " |",
              "|---|---|---|" + "---|" * len(keys)]
     for r in recs:
