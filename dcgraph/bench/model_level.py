@@ -29,6 +29,7 @@ inference BatchNorm folds into the conv, so it is the model's conv-alone floor).
 from __future__ import annotations
 
 import copy
+import math
 import time
 import warnings
 from typing import Any
@@ -58,6 +59,9 @@ FAMILY = {k: fam for k, (_, fam) in ROWS.items()}
 MODELS = {
     "resnet18": (zoo.resnet18_like, 64, 16, "ResNet-18-like (widths 64..512: ResNet-18's)"),
     "mobilenet_v2": (zoo.mobilenet_v2_like, 16, 8, "MobileNetV2-like (5 inverted residuals, widths 32..128)"),
+    "efficientnet": (zoo.efficientnet_like, 16, 8,
+                     "EfficientNet-B0-like (3 MBConv blocks: silu, depthwise, squeeze-excitation; "
+                     "widths 32..128)"),
 }
 
 
@@ -225,6 +229,7 @@ def markdown(recs: list[dict], head: str, repeats: int, command: str) -> str:
         dvp = f"{r['dcgraph_vs_peer']:.2f}x ({ROWS[r['best_peer']][0]})" if "dcgraph_vs_peer" in r else "-"
         lines.append(f"| {r['model']} | {r['input']} | " + " | ".join(cells) + f" | {dvf} | {dvp} |")
     lines.append("")
+    lines += _geomeans(recs)
     for r in recs:
         for k, row in r["rows"].items():
             if row.get("status") != H.OK:
@@ -235,6 +240,28 @@ def markdown(recs: list[dict], head: str, repeats: int, command: str) -> str:
                 spent = f" (tuning this run: {row['tune_s']:.0f} s)" if row.get("tune_s") else ""
                 lines.append(f"- {r['model']} {r['input']}, {ROWS[k][0]}: {row['kernels']}{spent}")
     return "\n".join(lines)
+
+
+def _geomeans(recs: list[dict]) -> list[str]:
+    """Per batch, over the models: dcgraph TVM untuned / ORT on the BN-folded model, and dcgraph's
+    best / the best other way to run the Deep Control model (issue 15's goals: <= 1.0x, <= 0.85x)."""
+    lines = []
+    for batch in sorted({r["batch"] for r in recs}):
+        rs = [r for r in recs if r["batch"] == batch]
+        pairs = [(r["rows"].get("tvm_fused", {}), r["rows"].get("bn_ort", {})) for r in rs]
+        tvm_ort = [a["median_ms"] / b["median_ms"] for a, b in pairs
+                   if a.get("status") == H.OK and b.get("status") == H.OK]
+        peer = [r["dcgraph_vs_peer"] for r in rs if "dcgraph_vs_peer" in r]
+        parts = []
+        if tvm_ort:
+            mean = math.prod(tvm_ort) ** (1 / len(tvm_ort))
+            parts.append(f"dcgraph TVM untuned / ONNX Runtime BN folded {mean:.2f}x "
+                         f"over {len(tvm_ort)} models")
+        if peer:
+            parts.append(f"dcgraph best / best peer {math.prod(peer) ** (1 / len(peer)):.2f}x")
+        if parts:
+            lines.append(f"- batch {batch}, geometric means: " + "; ".join(parts))
+    return [*lines, ""] if lines else []
 
 
 def run(quick: bool = False, threads: int = 2, repeats: int | None = None, db: str | None = None,
