@@ -118,19 +118,21 @@ def pack_depthwise(w: np.ndarray, cb: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(c // cb, cb, kh, kw).transpose(0, 2, 3, 1))
 
 
-def _padded(xb: te.Tensor, padding: Sequence[int]) -> te.Tensor:
-    """Zero padding as its own stage (inlined, it would put a branch in the conv's inner loop)."""
-    if not any(padding):
+def _padded(xb: te.Tensor, padding: Sequence[int], size: Sequence[int] | None = None) -> te.Tensor:
+    """Zero padding as its own stage (inlined, it would put a branch in the conv's inner loop):
+    ``padding`` zeros before each map, and after it up to ``size`` (default: ``padding`` again)."""
+    if not any(padding) and size is None:
         return xb
     n, k, h, w, cb = xb.shape
     ph, pw = padding
     h, w = int(h), int(w)
+    size = size or (h + 2 * ph, w + 2 * pw)
 
     def value(i, c, y, z, j):
         inside = tirx.all(y >= ph, y < h + ph, z >= pw, z < w + pw)
         return tirx.if_then_else(inside, xb[i, c, y - ph, z - pw, j], tirx.const(0.0, xb.dtype))
 
-    return te.compute((n, k, h + 2 * ph, w + 2 * pw, cb), value, name="pad")
+    return te.compute((n, k, *size, cb), value, name="pad")
 
 
 def _epilogue(acc: te.Tensor, scale: te.Tensor | None, shift: te.Tensor | None, act: str,

@@ -210,7 +210,7 @@ class _Blocker(PyExprMutator):
                     return kb.hoisted_shift(*args, **kw)
             return self._emit(shift, xb, wm, *ins[2:], name="dc_shift", kind=kind, groups=p["groups"], **conv)
         epi = {"act": p["act"], "negative_slope": p["negative_slope"]}
-        tile = None if depthwise else self._winograd_tile(x, w, p)
+        tile = None if depthwise else self._winograd_tile(xs, ws, xb, w, p)
         if tile is not None:
             data = constant_value(w)
             wp = relax.const(winograd.pack_weight(data, tile, cbi, cbo), str(data.dtype))
@@ -238,16 +238,16 @@ class _Blocker(PyExprMutator):
             return None
         return self._unblock(out, ws[0])
 
-    def _winograd_tile(self, x: relax.Expr, w: relax.Expr, p: dict[str, Any]) -> int | None:
+    def _winograd_tile(self, xs: tuple[int, ...], ws: tuple[int, ...], xb: relax.Expr, w: relax.Expr,
+                       p: dict[str, Any]) -> int | None:
         """``m`` of the Winograd F(m, 3) form for this conv, or None for the direct kernel: a 3x3
         stride-1 conv (:func:`.winograd.applies`) with a constant weight (transformed here, at
         compile time) over every channel its input stores (no padding channels to skip)."""
         if not self.use_winograd:
             return None
-        xs, ws = static_shape(x), static_shape(w)
         if winograd.applies(ws[2:], p["stride"], p["dilation"], p["groups"], p["padding"]) is not None:
             return None
-        if constant_value(w) is None or ws[1] != _stored(self._block(x)):
+        if constant_value(w) is None or ws[1] != _stored(xb):
             return None
         ho, wo = (xs[i + 2] + 2 * p["padding"][i] - 2 for i in range(2))
         return winograd.output_tile(ho, wo) if min(ho, wo) >= winograd.MIN_MAP else None

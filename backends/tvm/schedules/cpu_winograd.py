@@ -22,24 +22,23 @@ from ..winograd import PIXEL_TILE
 from .common import extent, has_root, parallel
 
 
-def _blocks(sch: Schedule) -> dict[str, object] | None:
+def _consumers(sch: Schedule) -> list | None:
+    """The blocks from ``winograd_output`` on (it, then any fused consumers), or None if the
+    PrimFunc is not a Winograd conv."""
     if not has_root(sch):
         return None
     blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
     names = [sch.get(b).name_hint for b in blocks]
     if "winograd_gemm" not in names or "winograd_output" not in names:
         return None
-    return {"blocks": blocks, "names": names}
+    return blocks[names.index("winograd_output"):]
 
 
 def schedule_blocked_winograd(sch: Schedule, lanes: int = 16) -> bool:
     """Schedule a :func:`..winograd.conv` PrimFunc (see the module docstring); False if it is not one."""
-    found = _blocks(sch)
-    if found is None:
+    consumers = _consumers(sch)
+    if consumers is None:
         return False
-    blocks, names = found["blocks"], found["names"]
-    out_idx = names.index("winograd_output")
-    consumers = blocks[out_idx:]
     for block in consumers[:-1]:  # the output transform, a residual add ...: one block
         sch.compute_inline(block)
     out = consumers[-1]
