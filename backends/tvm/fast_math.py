@@ -17,7 +17,7 @@ from typing import Any
 import tvm
 from tvm import te, tirx
 
-__all__ = ["EXP_MAX_REL_ERROR", "EXP_RANGE", "fast_exp", "fast_sigmoid", "fast_silu"]
+__all__ = ["EXP_MAX_REL_ERROR", "EXP_RANGE", "SILU_EXP_MAX", "fast_exp", "fast_sigmoid", "fast_silu"]
 
 #: ``fast_exp`` is accurate on ``[ln FLT_MIN, ln FLT_MAX]`` (float32 constants rounded
 #: inwards), where its result is a normal float32.
@@ -57,6 +57,18 @@ def _pow2(n: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.reinterpret("float32", bits)
 
 
+def _exp_parts(xc: tirx.PrimExpr) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+    """``exp(xc) = er * 2^n`` for float32 ``xc`` already clamped: ``n = floor(xc log2 e + 1/2)``
+    (int32), ``r = xc - n ln2`` with ln2 split in two constants (``|r| <= ln2/2``, exactly up
+    to the low part), ``er = exp(r) = 1 + r + r^2 P(r)`` with P of degree 5 (Cephes expf)."""
+    nf = tirx.floor(xc * _f32(_LOG2E) + _f32(0.5))
+    r = (xc - nf * _f32(_LN2_HI)) - nf * _f32(_LN2_LO)
+    p = _f32(_P[0])
+    for c in _P[1:]:
+        p = p * r + _f32(c)
+    return p * (r * r) + r + _f32(1.0), nf.astype("int32")
+
+
 def fast_exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
     """``exp(x)`` for float32 ``x`` as vectorisable arithmetic (other dtypes: ``tirx.exp``).
 
@@ -75,14 +87,7 @@ def fast_exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
     if _dtype(x) != "float32":
         return tirx.exp(x)
     lo, hi = EXP_RANGE
-    xc = tirx.min(tirx.max(x, _f32(lo)), _f32(hi))
-    nf = tirx.floor(xc * _f32(_LOG2E) + _f32(0.5))
-    r = (xc - nf * _f32(_LN2_HI)) - nf * _f32(_LN2_LO)
-    p = _f32(_P[0])
-    for c in _P[1:]:
-        p = p * r + _f32(c)
-    er = p * (r * r) + r + _f32(1.0)
-    n = nf.astype("int32")  # in [-126, 128]
+    er, n = _exp_parts(tirx.min(tirx.max(x, _f32(lo)), _f32(hi)))  # n in [-126, 128]
     n1 = tirx.shift_right(n, tirx.const(1, "int32"))  # floor(n / 2): [-63, 64]
     y = er * _pow2(n1) * _pow2(n - n1)
     return tirx.Select(x < _f32(lo), _f32(0.0), y)
@@ -103,12 +108,27 @@ def fast_sigmoid(x: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.Select(x >= zero, s, e * s)
 
 
+#: :func:`fast_silu` computes ``exp(-x)`` on ``-x`` clamped to ``[ln FLT_MIN, SILU_EXP_MAX]``,
+#: where one power-of-two factor is a normal float32 (``n <= 126``).
+SILU_EXP_MAX = 87.0
+
+
 def fast_silu(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """``x * sigmoid(x)`` with :func:`fast_sigmoid`. Measured against float64 over ``[-100, 100]``:
-    absolute error below ``1.5e-7 * max(1, |x|)`` (at most 1.27e-6, near x = 13.8, where a float32
-    ulp is 9.5e-7), the same as ``x * tirx.sigmoid(x)`` through libm's ``expf``."""
+    """``x * sigmoid(x)`` for float32 ``x`` as ``max(x, -87) / (1 + exp(-x))`` (other dtypes:
+    ``x * tirx.sigmoid(x)``), ``exp`` as in :func:`fast_exp` with ``-x`` clamped to
+    ``[-87.33654, 87]`` and a single power-of-two factor. One division and no select: 40% fewer
+    vector instructions than ``x * fast_sigmoid(x)``, the activation every EfficientNet conv
+    applies on its register tile. The relative error is that of ``exp`` plus the division's
+    rounding for ``x > -87``; below, the result is ``-87 / (1 + e^87)`` = -1.5e-36 (the true
+    value is smaller still). Measured against float64 over ``[-100, 100]``: absolute error
+    below ``1.5e-7 * max(1, |x|)`` (1.24e-6 at most, where a float32 ulp is 9.5e-7), the same
+    as ``x * tirx.sigmoid(x)`` through libm's ``expf``."""
     x = _as_expr(x)
-    return x * fast_sigmoid(x)
+    if _dtype(x) != "float32":
+        return x * tirx.sigmoid(x)
+    t = tirx.min(tirx.max(_f32(0.0) - x, _f32(EXP_RANGE[0])), _f32(SILU_EXP_MAX))
+    er, n = _exp_parts(t)
+    return tirx.max(x, _f32(-SILU_EXP_MAX)) / (_f32(1.0) + er * _pow2(n))
 
 
 def legalize_sigmoid(bb: Any, call: Any) -> Any:
