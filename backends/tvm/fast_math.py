@@ -131,17 +131,28 @@ def fast_silu(x: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.max(x, _f32(-SILU_EXP_MAX)) / (_f32(1.0) + er * _pow2(n))
 
 
-def legalize_sigmoid(bb: Any, call: Any) -> Any:
-    """Relax ``sigmoid`` legalized with :func:`fast_sigmoid` (float32; other dtypes: TVM's own).
+def _legalize_with(op_name: str, fn: Any, name: str) -> Any:
+    """A legalization of the unary Relax op ``op_name`` as ``fn`` per element (float32; other
+    dtypes: TVM's own)."""
 
-    TVM's legalization calls libm's scalar ``expf`` per element: a model that spells swish as
-    ``x * sigmoid(x)`` (pytorchcv's EfficientNet-B0, Squeeze-Excitation gates) then spent 37 of
-    its 61 ms in the conv kernels that FuseOps had merged the sigmoid into."""
-    x = call.args[0]
-    if x.ty.dtype != "float32":
-        return tvm.ir.Op.get("relax.sigmoid").get_attr("FLegalize")(bb, call)
+    def legalize(bb: Any, call: Any) -> Any:
+        x = call.args[0]
+        if x.ty.dtype != "float32":
+            return tvm.ir.Op.get(op_name).get_attr("FLegalize")(bb, call)
 
-    def compute(t: te.Tensor) -> te.Tensor:
-        return te.compute(t.shape, lambda *i: fast_sigmoid(t(*i)), name="sigmoid", tag="elemwise")
+        def compute(t: te.Tensor) -> te.Tensor:
+            return te.compute(t.shape, lambda *i: fn(t(*i)), name=name, tag="elemwise")
 
-    return bb.call_te(compute, x, primfunc_name_hint="sigmoid")
+        return bb.call_te(compute, x, primfunc_name_hint=name)
+
+    return legalize
+
+
+#: Relax ``sigmoid`` legalized with :func:`fast_sigmoid` (float32; other dtypes: TVM's own).
+#: TVM's legalization calls libm's scalar ``expf`` per element: a model that spells swish as
+#: ``x * sigmoid(x)`` (pytorchcv's EfficientNet-B0, Squeeze-Excitation gates) then spent 37 of
+#: its 61 ms in the conv kernels that FuseOps had merged the sigmoid into.
+legalize_sigmoid = _legalize_with("relax.sigmoid", fast_sigmoid, "sigmoid")
+#: Relax ``nn.silu`` (``torch.nn.SiLU`` in a program imported without decompositions) legalized
+#: with :func:`fast_silu`, for the same reason.
+legalize_silu = _legalize_with("relax.nn.silu", fast_silu, "silu")

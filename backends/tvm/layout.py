@@ -294,6 +294,8 @@ class _Blocker(PyExprMutator):
                                         dilation=a.dilation, ceil_mode=bool(a.ceil_mode),
                                         layout=f"NCHW{cb}c", out_layout=f"NCHW{cb}c", **kw))
             return self._unblock(out, channels)
+        if name == "relax.nn.adaptive_avg_pool2d" and _global_pool(call.attrs):  # = a keepdims mean
+            return self._unblock(self.builder_.emit(op.mean(xb, axis=[2, 3], keepdims=True)), channels)
         if name == "relax.mean" and call.attrs.axis is not None:
             axes = sorted(int(v) % 4 for v in call.attrs.axis)
             if axes != [2, 3]:
@@ -306,6 +308,13 @@ class _Blocker(PyExprMutator):
                 m = self.builder_.emit(op.strided_slice(m, axes=[1], begin=[0], end=[channels]))
             return m
         return None
+
+
+def _global_pool(attrs: Any) -> bool:
+    """Whether an ``adaptive_avg_pool2d``'s attrs make it the global mean (NCHW, output 1x1)."""
+    size = [int(v) for v in attrs.output_size] if attrs.output_size is not None else []
+    return (str(attrs.layout) == "NCHW" and str(attrs.out_layout or "NCHW") == "NCHW"
+            and size in ([1], [1, 1]))
 
 
 def _stored(xb: relax.Expr) -> int:

@@ -16,7 +16,7 @@ from tvm import relax, tirx
 from tvm.relax.backend.cpu_generic import pipeline as cpu_backend
 from tvm.relax.backend.cuda import pipeline as cuda_backend
 
-from .fast_math import legalize_sigmoid
+from .fast_math import legalize_sigmoid, legalize_silu
 from .layout import block_layout
 from .lowering import kernel_origin
 from .packed_matmul import legalize_matmul
@@ -41,13 +41,14 @@ def uses_blocked(target: tvm.target.Target, layout: str = "auto") -> bool:
 
 def _legalize_map(target: tvm.target.Target) -> dict:
     """dcgraph's legalizations in place of TVM's, on CPU targets: float32 ``sigmoid`` becomes the
-    vectorisable polynomial of :mod:`.fast_math` (TVM's calls scalar ``expf`` per element), a
+    vectorisable polynomial of :mod:`.fast_math` (TVM's calls scalar ``expf`` per element), and
+    ``nn.silu`` likewise, a
     conv on one pixel per sample a matmul (:mod:`.pixel_matmul`), a matmul with a constant weight
     the packed-panel kernel (:mod:`.packed_matmul`)."""
     if is_gpu(target):
         return {}
     lanes = vector_lanes(target)
-    return {"relax.sigmoid": legalize_sigmoid,
+    return {"relax.sigmoid": legalize_sigmoid, "relax.nn.silu": legalize_silu,
             "relax.nn.conv2d": functools.partial(legalize_conv2d, lanes=lanes),
             "relax.matmul": functools.partial(legalize_matmul, lanes=lanes)}
 

@@ -66,3 +66,69 @@ def test_conv_cases_match_reference(case, plan):
     ex = tvm.compile(mod, target=TARGET, relax_pipeline=relax_pipeline(TARGET))
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x, tvm.cpu())).numpy()
     assert relative_error(got, want) <= RTOL
+
+
+class PoolHead(nn.Module):
+    """Conv + BatchNorm (converted to Deep Control: a blocked kernel), SiLU, global average pool
+    and classifier: the undecomposed import keeps ``nn.silu`` and ``adaptive_avg_pool2d``
+    (decomposed: ``sigmoid * x`` and ``mean``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+        self.bn = nn.BatchNorm2d(12)
+        self.act = nn.SiLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the second silu is a standalone op (the first is fused into the Deep Control kernel)
+        return self.fc(torch.flatten(self.act(self.pool(self.act(self.bn(self.conv(x))))), 1))
+
+
+def _run_pool_head():
+    from dcgraph.backends.tvm import compiler
+
+    torch.manual_seed(0)
+    model, x = PoolHead().eval(), torch.randn(2, 3, 9, 9) * 4
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    compiled = compiler.compile(model, "x86", x)
+    with torch.no_grad():
+        want = model.double()(x.double()).numpy()
+    return compiled, relative_error(compiled(x).numpy(), want)
+
+
+def test_undecomposed_import_keeps_silu_fast_and_the_pool_blocked():
+    """The shortcut (no torch decompositions) must not cost speed: ``nn.silu`` is legalized with
+    :func:`fast_math.fast_silu` (no scalar ``expf`` call) and the global pool stays in the
+    blocked layout (a mean, no ``from_blocked`` + NCHW pool)."""
+    import re
+
+    compiled, err = _run_pool_head()
+    assert err <= RTOL
+    names = [k.name for k in compiled.kernels]
+    assert any("mean" in n for n in names) and not any("adaptive_avg_pool" in n for n in names), names
+    assert any("silu" in n for n in names), names
+    asm = compiled.executable.mod.imports[0].inspect_source("asm")
+    assert re.findall(r"call\w*\s+\w*exp\w*", asm) == []
+
+
+def test_import_falls_back_to_decomposed_programs(monkeypatch):
+    """An undecomposed program TVM cannot convert is imported again with torch's decompositions
+    (here the shortcut is made to fail): the same numbers come out."""
+    from dcgraph.backends.tvm.frontends import from_torch as ft
+
+    real, calls = ft._import, []
+
+    def shortcut_fails(program, decompose):
+        calls.append(decompose)
+        if not decompose:
+            raise AssertionError("an op only its decomposition converts")
+        return real(program, decompose)
+
+    monkeypatch.setattr(ft, "_import", shortcut_fails)
+    _, err = _run_pool_head()
+    assert calls == [False, True]
+    assert err <= RTOL

@@ -52,11 +52,24 @@ def from_torch(program: torch.export.ExportedProgram) -> tvm.IRModule:
         if node.op == "call_function" and "conv_deep_control_backward" in str(node.target):
             raise ImportError_("the program contains the training backward of the fused op; "
                                "export the model in eval mode under torch.no_grad()")
+    # Without torch's decompositions first: they re-trace the whole program (1.5-2 s of a
+    # ResNet-18 compile) and TVM converts the undecomposed ATen ops dcgraph's models use (with
+    # ``adaptive_avg_pool2d`` and ``silu`` given blocked / fast forms). An op TVM only knows
+    # decomposed (or converts only in its decomposed form) retries the import with them, so
+    # nothing TVM imported before fails now.
     try:
-        with warnings.catch_warnings():  # torch's own noise when run_decompositions copies its pytrees
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            return from_exported_program(program, custom_convert_map={OP_NAME: convert_conv_deep_control},
-                                         unwrap_unit_return_tuple=True)
+        return _import(program, decompose=False)
+    except Exception:  # any failure of the shortcut: the full path decides
+        pass
+    try:
+        return _import(program, decompose=True)
     except KeyError as err:  # TVM's importer raises KeyError for an ATen op it has no converter for
         raise ImportError_(f"TVM's torch importer has no converter for {err}; "
                            "the op must be removed or rewritten before compiling") from None
+
+
+def _import(program: torch.export.ExportedProgram, decompose: bool) -> tvm.IRModule:
+    with warnings.catch_warnings():  # torch's own noise when run_decompositions copies its pytrees
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return from_exported_program(program, custom_convert_map={OP_NAME: convert_conv_deep_control},
+                                     unwrap_unit_return_tuple=True, run_ep_decomposition=decompose)
