@@ -2,8 +2,9 @@
 
 ``relax.transform.FoldConstant`` evaluates a constant subexpression by building it into a kernel
 with LLVM and running it: about 0.1 s each. An imported ResNet-18 holds 20 such products of
-parameters (the converted Deep Control gains), 2.4 s of its 8 s compile. A single IEEE float
-operation gives the same bits in numpy (a transpose moves bits), so these are folded here first;
+parameters (the converted Deep Control gains), 2.4 s of its 8 s compile, and 20 reshapes of
+constants (1 s) once imported without torch's decompositions. A single IEEE float operation gives
+the same bits in numpy (a transpose or reshape moves bits), so these are folded here first;
 anything else is left to ``FoldConstant``.
 """
 
@@ -40,6 +41,13 @@ class _Folder(PyExprMutator):
             self.count += 1
             out = np.ascontiguousarray(np.transpose(value, None if axes is None else [int(i) for i in axes]))
             return relax.const(out, str(value.dtype))
+        if call.op.name == "relax.reshape":  # a per-channel gain made (1, C, 1, 1)
+            value = constant_value(self._value(call.args[0]))
+            shape = _static(call.args[1])
+            if value is None or shape is None or int(np.prod(shape)) != value.size:
+                return call
+            self.count += 1
+            return relax.const(np.ascontiguousarray(value.reshape(shape)), str(value.dtype))
         if call.op.name not in _BINARY or len(call.args) != 2:
             return call
         a, b = (constant_value(self._value(arg)) for arg in call.args)
@@ -59,10 +67,19 @@ class _Folder(PyExprMutator):
         return expr
 
 
+def _static(shape: relax.Expr) -> list[int] | None:
+    """A ``ShapeExpr`` of constant sizes as ints, else None."""
+    if not isinstance(shape, relax.ShapeExpr):
+        return None
+    if not all(isinstance(v, tvm.tirx.IntImm) for v in shape.values):
+        return None
+    return [int(v) for v in shape.values]
+
+
 def fold_constant_arithmetic(mod: tvm.IRModule) -> tvm.IRModule:
     """``mod`` with every add / subtract / multiply / divide of two float constants of one dtype,
-    and every ``permute_dims`` of a constant, replaced by its value (numpy's, bit for bit what a
-    kernel computes)."""
+    and every ``permute_dims`` and ``reshape`` (to a static shape) of a constant, replaced by its
+    value (numpy's, bit for bit what a kernel computes)."""
     updates = {}
     folder = _Folder(mod)
     for gv, func in mod.functions_items():
