@@ -127,6 +127,15 @@ def test_model_level_checks_against_the_batchnorm_model():
     assert 10 <= dc < total, rows["tvm_fused"]["kernels"]
 
 
+def test_model_level_gives_each_model_its_own_width():
+    """Without ``width``, every model runs at its own default width (a loop once kept the first
+    model's width for all: MobileNetV2- and EfficientNet-B0-like ran at ResNet-18's 64)."""
+    data = model_level.run(quick=True, size=32, repeats=1, write=False, progress=False,
+                           models=["resnet18", "mobilenet_v2", "efficientnet"], only=["bn_eager"])
+    got = [(c["model"], c["width"]) for c in data["cases"]]
+    assert got == [(n, model_level.MODELS[n][2]) for n in ("resnet18", "mobilenet_v2", "efficientnet")]
+
+
 def test_train_level_agreement_and_a_fresh_process_row():
     ag = train_level.agreement(width=4, batch=2, size=64)  # 32: layer4 maps are 1x1, where DC (a=1) is
     # the constant b and g has no gradient but rounding noise

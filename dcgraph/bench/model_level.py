@@ -280,11 +280,11 @@ def run(quick: bool = False, threads: int = 2, repeats: int | None = None, db: s
     recs = []
     t0 = time.perf_counter()
     for name in names:
-        width = width or MODELS[name][2 if quick else 1]
-        m = _Model(name, width, size, threads, target, db, quick, tune_trials)
+        w = width or MODELS[name][2 if quick else 1]  # each model its own (width=None: its default)
+        m = _Model(name, w, size, threads, target, db, quick, tune_trials)
         for batch in batches:
             rows = H.check_and_time(m.candidates(batch, only), repeats, block_ms=0.0, warmup=1)
-            rec = {"model": name, "description": MODELS[name][3], "width": width, "batch": batch,
+            rec = {"model": name, "description": MODELS[name][3], "width": w, "batch": batch,
                    "input": f"{batch}x3x{size}x{size}", "rows": rows, **m.info}
             rec.update(ratios(rows))
             recs.append(rec)
