@@ -54,8 +54,11 @@ def _conv_params(attrs: Any) -> dict[str, Any]:
 
 @mutator
 class _Blocker(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, lanes: int, use_winograd: bool = True) -> None:
+    def __init__(self, mod: tvm.IRModule, lanes: int, use_winograd: bool = True,
+                 kernel_fed: frozenset = frozenset()) -> None:
         super().__init__(mod)
+        self.kernel_fed = kernel_fed  # values only dcgraph's conv kernels read (_kernel_fed)
+        self.var: relax.Var | None = None  # the binding being rewritten
         self.mod_ = mod
         self.lanes = lanes
         self.use_winograd = use_winograd
@@ -133,6 +136,7 @@ class _Blocker(PyExprMutator):
     # -- the walk ----------------------------------------------------------------------------
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         value = binding.value
+        self.var = binding.var
         new = None
         if isinstance(value, relax.Var | relax.TupleGetItem):  # aliases keep the blocked twin
             alias = self._alias(value)
@@ -225,6 +229,8 @@ class _Blocker(PyExprMutator):
             fn = kb.conv
             # the conv's sum skips the input's padding channels
             conv_kw = {**conv, "in_channels": ws[1]} if ws[1] < _stored(xb) else conv
+            if ws[2:] == (1, 1) and self.var in self.kernel_fed and _pointwise(conv):
+                return self._flat_pointwise(kind, xb, wp, ins, stored, conv_kw, epi, ws[0])
         if kind == "dc_conv":
             g, o = self._per_channel(ins[2], stored), self._per_channel(ins[3], stored)
             out = self._emit(lambda x_, w_, g_, o_, **kw: fn(x_, w_, g_, o_, **kw), xb, wp, g, o,
@@ -237,6 +243,28 @@ class _Blocker(PyExprMutator):
         else:
             return None
         return self._unblock(out, ws[0])
+
+    def _flat_pointwise(self, kind: str, xb: relax.Expr, wp: relax.Expr, ins: list[relax.Expr], stored: int,
+                        conv_kw: dict[str, Any], epi: dict[str, Any], channels: int) -> relax.Var | None:
+        """A 1x1 stride-1 conv over the map's pixels as one row: ``(N, C/cb, H, W, cb)`` viewed as
+        ``(N, C/cb, 1, H*W, cb)`` (the same bytes), so the register tile takes its columns from
+        ``H*W`` rather than ``W`` (a 14 px row gave a 7-column x 1-block tile; 196 pixels give
+        4 x 2): 1.2-1.4x faster at 14 and 28 px. Only for a value nothing but dcgraph's kernels
+        reads (the view back to 2-d would keep FuseOps from merging an add into the kernel)."""
+        n, kin, h, w, cb = (int(d) for d in static_shape(xb))
+        flat = self.builder_.emit(relax.op.reshape(xb, [n, kin, 1, h * w, cb]))
+        if kind == "dc_conv":
+            g, o = self._per_channel(ins[2], stored), self._per_channel(ins[3], stored)
+            out = self._emit(lambda x_, w_, g_, o_, **kw: kb.conv(x_, w_, g_, o_, **kw), flat, wp, g, o,
+                             name="dc_conv", kind=kind, **conv_kw, **epi)
+        elif kind == "dc_conv_raw":
+            out = self._emit(lambda x_, w_, **kw: kb.conv(x_, w_, None, None, **kw), flat, wp,
+                             name="dc_conv_raw", kind=kind, **conv_kw)
+        else:
+            return None
+        on, ok, _, _, ocb = (int(d) for d in static_shape(out))
+        out = self.builder_.emit(relax.op.reshape(out, [on, ok, h, w, ocb]))
+        return self._unblock(out, channels)
 
     def _winograd_tile(self, xs: tuple[int, ...], ws: tuple[int, ...], xb: relax.Expr, w: relax.Expr,
                        p: dict[str, Any]) -> int | None:
@@ -317,6 +345,31 @@ def _global_pool(attrs: Any) -> bool:
             and size in ([1], [1, 1]))
 
 
+def _pointwise(conv: dict[str, Any]) -> bool:
+    """Stride 1, no padding, no dilation (with a 1x1 kernel: a per-pixel matmul)."""
+    return (all(v == 1 for v in conv["stride"]) and not any(conv["padding"])
+            and all(v == 1 for v in conv["dilation"]))
+
+
+def _kernel_fed(func: relax.Function, mod: tvm.IRModule) -> frozenset:
+    """The variables of ``func`` that only dcgraph's kernels (``call_tir`` of a PrimFunc with
+    the kernel attribute) read: not returned, not read by any other op."""
+    readers: dict[relax.Var, bool] = {}
+
+    def note(expr: relax.Expr, by_kernel: bool) -> None:
+        for v in relax.analysis.free_vars(expr):
+            readers[v] = readers.get(v, True) and by_kernel
+
+    for block in func.body.blocks:
+        for b in block.bindings:
+            value = b.value
+            callee = value.args[0] if isinstance(value, relax.Call) and value.args else None
+            prim = mod[callee] if isinstance(callee, relax.GlobalVar) else None
+            note(value, isinstance(prim, tvm.tirx.PrimFunc) and KERNEL_ATTR in (prim.attrs or {}))
+    note(func.body.body, False)
+    return frozenset(v for v, only_kernels in readers.items() if only_kernels)
+
+
 def _stored(xb: relax.Expr) -> int:
     """The channels blocked ``xb`` stores (its real ones and any padding)."""
     shape = static_shape(xb)
@@ -332,7 +385,7 @@ def block_layout(mod: tvm.IRModule, lanes: int, use_winograd: bool = True) -> tv
     updates = {}
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
-            blocker = _Blocker(mod, lanes, use_winograd)
+            blocker = _Blocker(mod, lanes, use_winograd, _kernel_fed(func, mod))
             new = blocker.visit_expr(func)
             if blocker.count:
                 updates[gv] = new

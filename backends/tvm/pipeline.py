@@ -70,6 +70,9 @@ def fuse(mod: tvm.IRModule, target: tvm.target.Target, layout: str = "auto", win
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
+        # a reshape left alone (the 1x1 convs' flat views, layout.py) is a view, not a kernel
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.DeadCodeElimination(),
     ]
     with target:
         return tvm.transform.Sequential(passes)(mod)

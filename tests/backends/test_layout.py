@@ -218,3 +218,39 @@ def test_a_depthwise_two_pass_is_one_kernel_and_exact():
              if gv.name_hint.startswith("dc_depthwise_two_pass")]
     assert rules == ["blocked_depthwise_dc"]
     assert relative_error(_run(mod, HOST, inputs), want) < RTOL
+
+
+class _InvertedResidual(torch.nn.Module):
+    """MobileNetV2's block at 14 px: 1x1 expand (read only by the depthwise kernel: flattened),
+    depthwise, 1x1 project (two-pass: its raw conv is read only by the epilogue kernel:
+    flattened) + residual add, then a 1x1 conv whose output is the model's (not flattened)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from dcgraph.nn import DeepControlConv2d
+
+        self.expand = DeepControlConv2d(16, 96, 1, act="relu6")
+        self.dw = DeepControlConv2d(96, 96, 3, padding=1, groups=96, act="relu6")
+        self.project = DeepControlConv2d(96, 16, 1, act="identity")
+        self.head = DeepControlConv2d(16, 24, 1, act="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.project(self.dw(self.expand(x))) + x)
+
+
+def test_pointwise_convs_read_only_by_kernels_run_on_the_flattened_map():
+    torch.manual_seed(0)
+    model = _InvertedResidual().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "a"):
+                m.a.uniform_(0.5, 1.5), m.g.uniform_(0.5, 1.5), m.b.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 16, 14, 14)
+    mod = prepare(model, x)
+    blocked = block_layout(mod, 8)
+    flat = [tuple(int(d) for d in f.params[0].shape) for gv, f in blocked.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint.startswith(("dc_conv", "dc_conv_raw"))]
+    assert sorted(s[2:4] for s in flat) == [(1, 196), (1, 196), (14, 14)], flat  # expand, project; head
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert relative_error(_run(mod, HOST, [x.numpy()]), want) < RTOL
