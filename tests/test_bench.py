@@ -200,3 +200,17 @@ def test_benchmark_commands_rerun_with_torchs_openmp_threads_passive(monkeypatch
     subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=600)
     info = json.loads((tmp_path / "fusion_op_quick.json").read_text())["machine"]
     assert info["omp_wait_policy"] == "PASSIVE"
+
+
+def test_model_level_takes_a_model_a_user_brings():
+    """``--models pytorchcv:<module>.<function>``: a definition nobody here wrote, converted and
+    checked like the built-in ones; a wrong name is a one-line error before any work."""
+    pytest.importorskip("pytorchcv")
+    data = model_level.run(quick=True, size=224, repeats=1, write=False, progress=False,  # its pool is 7x7
+                           models=["pytorchcv:mobilenetv2.mobilenetv2_wd4"], only=["bn_eager", "tvm_fused"])
+    rows = data["cases"][0]["rows"]
+    assert rows["tvm_fused"]["status"] == H.OK and rows["tvm_fused"]["error"] < 1e-3, rows["tvm_fused"]
+    with pytest.raises(ValueError, match="no pytorchcv model"):
+        model_level.model_spec("pytorchcv:mobilenetv2.nope")
+    with pytest.raises(ValueError, match="unknown model"):
+        model_level.model_spec("resnet1")

@@ -65,6 +65,28 @@ MODELS = {
 }
 
 
+PYTORCHCV = "pytorchcv:"
+
+
+def model_spec(name: str) -> tuple[Any, int, int, str]:
+    """``(factory(width=...), width, quick width, description)`` of a model name: one of
+    :data:`MODELS`, or ``pytorchcv:<module>.<function>`` (a model a user brings, e.g.
+    ``pytorchcv:mobilenetv2.mobilenetv2_w1``; its own widths, ``width`` ignored)."""
+    if name in MODELS:
+        return MODELS[name]
+    if not name.startswith(PYTORCHCV):
+        raise ValueError(f"unknown model {name!r}: one of {', '.join(MODELS)} or "
+                         f"{PYTORCHCV}<module>.<function>")
+    module, _, fn = name[len(PYTORCHCV):].rpartition(".")
+    import importlib
+
+    try:
+        factory = getattr(importlib.import_module(f"pytorchcv.models.{module}"), fn)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"no pytorchcv model {module}.{fn} ({e}); pip install pytorchcv") from None
+    return (lambda width=None: factory()), 0, 0, f"pytorchcv's {fn} (its own definition, BatchNorm converted)"
+
+
 class _Model:
     """One model's variants, built once and shared by its batch sizes (exports are slow)."""
 
@@ -76,7 +98,7 @@ class _Model:
         self.name, self.size, self.threads, self.quick = name, size, threads, quick
         self.target, self.db, self.tune_trials = target, db, tune_trials
         torch.manual_seed(0)
-        self.bn = zoo.randomize_norm_stats(MODELS[name][0](width=width)).eval()
+        self.bn = zoo.randomize_norm_stats(model_spec(name)[0](width=width)).eval()
         self.bn64 = copy.deepcopy(self.bn).double()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -276,15 +298,16 @@ def run(quick: bool = False, threads: int = 2, repeats: int | None = None, db: s
     repeats = repeats or (3 if quick else 10)
     size = size or (64 if quick else 224)
     names = models or (["resnet18"] if quick else list(MODELS))
+    specs = {name: model_spec(name) for name in names}  # a wrong name fails before any work
     batches = batches or ([1] if quick else [1, 8])
     recs = []
     t0 = time.perf_counter()
     for name in names:
-        w = width or MODELS[name][2 if quick else 1]  # each model its own (width=None: its default)
+        w = width or specs[name][2 if quick else 1]  # each model its own (width=None: its default)
         m = _Model(name, w, size, threads, target, db, quick, tune_trials)
         for batch in batches:
             rows = H.check_and_time(m.candidates(batch, only), repeats, block_ms=0.0, warmup=1)
-            rec = {"model": name, "description": MODELS[name][3], "width": w, "batch": batch,
+            rec = {"model": name, "description": specs[name][3], "width": w, "batch": batch,
                    "input": f"{batch}x3x{size}x{size}", "rows": rows, **m.info}
             rec.update(ratios(rows))
             recs.append(rec)
@@ -299,7 +322,8 @@ def run(quick: bool = False, threads: int = 2, repeats: int | None = None, db: s
             "seconds": round(time.perf_counter() - t0, 1), "command": command}
     md = markdown(recs, head, repeats, command)
     if write:
-        name = H.stem("model", quick)
+        # models a user brings get their own file: the built-in models' results stay as they are
+        name = H.stem("model", quick, "" if all(n in MODELS for n in names) else "_user")
         H.write_results(name, data, md)
         data["files"] = [f"{name}.json", f"{name}.md"]
     data["markdown"] = md

@@ -33,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=positive,
                    help="timed samples per row (default: 20 op, 10 model; quick 5/3)")
     p.add_argument("--batch", type=positive, nargs="+", help="batch sizes (default 1 8; quick 1)")
+    p.add_argument("--models", nargs="+", metavar="NAME",
+                   help="model level: only these models (resnet18, mobilenet_v2, efficientnet), or models "
+                        "a user brings: pytorchcv:<module>.<function>, e.g. "
+                        "pytorchcv:mobilenetv2.mobilenetv2_w1 (results: fusion_model_user.*)")
     p.add_argument("--shapes", nargs="+", metavar="NAME",
                    help="op level: only these blocks (r18.layer1, mbv2.dw, b0.expand, ...)")
     p.add_argument("--gpu-mode", choices=("build", "run", "all"), default="all",
@@ -63,6 +67,16 @@ def run(args: argparse.Namespace) -> int:
                   f"{', '.join(known)}", file=sys.stderr)
             return 2
 
+    if args.models:
+        from .model_level import model_spec
+
+        try:
+            for name in args.models:
+                model_spec(name)
+        except ValueError as e:
+            print(f"dcgraph bench: error: {e}", file=sys.stderr)
+            return 2
+
     out = common.use_results_dir(args.out)
     cmd = " ".join(["dcgraph bench", args.level, *(["--quick"] if args.quick else []),
                     *([f"--db {args.db}"] if args.db else []),
@@ -70,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
                     *([f"--threads {args.threads}"] if args.threads != 2 else []),
                     *([f"--repeats {args.repeats}"] if args.repeats else []),
                     *(["--batch", *map(str, args.batch)] if args.batch else []),
-                    *(["--shapes", *args.shapes] if args.shapes else [])])
+                    *(["--shapes", *args.shapes] if args.shapes else []),
+                    *(["--models", *args.models] if args.models else [])])
     levels = ["op", "model", "train", "gpu"] if args.level == "all" else [args.level]
     t0 = time.perf_counter()
     written, failed = [], 0
@@ -86,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             from . import model_level
 
             data = model_level.run(args.quick, args.threads, args.repeats, args.db, batches=args.batch,
-                                   command=cmd, tune_trials=args.tune)
+                                   command=cmd, tune_trials=args.tune, models=args.models)
             failed += sum(r.get("status") == H.FAILED for c in data["cases"] for r in c["rows"].values())
         elif level == "train":
             from . import train_level
