@@ -86,6 +86,8 @@ CASES = [
     # bench
     (["bench", "level9"], "invalid choice: 'level9'"),
     (["bench", "op", "--shapes", "nosuch", "--out", "OUT/res"], "unknown block 'nosuch'"),
+    (["bench", "model", "--models", "resnet1", "--out", "OUT/res"], "unknown model 'resnet1'"),
+    (["bench", "model", "--models", "pytorchcv:no.such", "--out", "OUT/res"], "no pytorchcv model no.such"),
     (["bench", "op", "--batch", "0", "--out", "OUT/res"], "positive integer"),
     (["bench", "op", "--repeats", "0", "--out", "OUT/res"], "positive integer"),
     (["bench", "op", "--threads", "0", "--out", "OUT/res"], "positive integer"),
