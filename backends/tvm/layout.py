@@ -138,7 +138,9 @@ class _Blocker(PyExprMutator):
         value = binding.value
         self.var = binding.var
         new = None
-        if isinstance(value, relax.Var | relax.TupleGetItem):  # aliases keep the blocked twin
+        # aliases keep the blocked twin; an output binding stays a binding (a dataflow variable
+        # returned from the block is dead code to FuseTIR's clean-up)
+        if isinstance(value, relax.Var | relax.TupleGetItem) and isinstance(binding.var, relax.DataflowVar):
             alias = self._alias(value)
             if alias is not None:
                 self.set_var_remap(binding.var, alias)

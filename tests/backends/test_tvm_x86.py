@@ -70,10 +70,12 @@ def test_every_blocked_kernel_gets_a_default_schedule(case):
         return
     kinds = {name.rstrip("0123456789") for name in report}
     assert {"dc_shift", "dc_conv"} <= kinds
-    # a layout change with a channel block of 1 moves no data: it is a view (no kernel)
+    # a layout change with a channel block of 1 moves no data: the input's is a view (no kernel);
+    # the one that writes the function's output stays a copy
     lanes = vector_lanes(TARGET)
-    for kernel, channels in (("to_blocked", case.in_channels), ("from_blocked", case.out_channels)):
-        assert (kernel in kinds) == (kb.blocking(channels, lanes)[1] > 1), (kernel, sorted(kinds))
+    assert ("to_blocked" in kinds) == (kb.blocking(case.in_channels, lanes)[1] > 1), sorted(kinds)
+    if kb.blocking(case.out_channels, lanes)[1] > 1:
+        assert "from_blocked" in kinds, sorted(kinds)
     assert {k.name: k.schedule for k in report.values()} == {k: "default" for k in report}
 
 
