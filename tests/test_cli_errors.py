@@ -61,7 +61,9 @@ CASES = [
     # tune
     (["tune", "dcnet", "--trials", "-1", "--db", "OUT/db"], "integer >= 0"),
     (["tune", "dcnet", "--trials", "4", "--min-trials", "0", "--db", "OUT/db"], "positive integer"),
-    (["tune", "dcnet"], "required: --trials"),
+    (["tune", "dcnet"], "give a budget: --trials N, --minutes M"),
+    (["tune", "dcnet", "--minutes", "0", "--db", "OUT/db"], "must be > 0"),
+    (["tune", "dcnet", "--minutes", "soon", "--db", "OUT/db"], "expected a number of minutes"),
     (["tune", "nosuch", "--trials", "4", "--db", "OUT/db"], "unknown model 'nosuch'"),
     (["tune", "dcnet", "--trials", "4", "--target", "nosuch", "--db", "OUT/db"], "nosuch"),
     (["tune", "dcnet", "--trials", "4", "--db", "OUT/a/b"], "no such directory"),

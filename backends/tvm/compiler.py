@@ -20,7 +20,7 @@ import tvm
 
 from . import targets as targets_
 from .buckets import bucket_sizes, check_batch_major, check_independent, entry_name, merge_buckets
-from .database import open_database
+from .database import applied_database
 from .errors import CompileError
 from .frontends import as_tuple, prepare
 from .pipeline import kernel_report, lower_pipeline, optimize, uses_blocked
@@ -71,7 +71,7 @@ def compile(
     example = as_tuple(example_inputs)
     sizes = bucket_sizes(_batch_of(example, max_batch, buckets), max_batch, buckets)
     if isinstance(database, str | Path):
-        database = open_database(database, tgt)
+        database = applied_database(database, tgt)
     if not sizes:
         say("importing the model (dcgraph's passes, then Relax)")
         mod = prepare(model, example_inputs, plan=plan, convert=convert, fuse_plain=fuse_plain, shape=shape)

@@ -4,6 +4,13 @@
 applies them). One database per target because MetaSchedule's look-ups do not filter by target
 (an x86 record was returned for an ARM target). :func:`open_database` also repairs the one
 damage a kill can do: a last line cut short while it was being written.
+
+Next to MetaSchedule's two files, ``choices.json`` says, per kernel (workload), which schedule
+``tune`` confirmed: the default or one record, picked by re-measuring the best candidates
+interleaved with the default (:mod:`.tuning.confirm`). A record's stored time is one noisy
+measurement, so the fastest stored time is not trusted alone. :func:`applied_database` is what
+``compile`` applies: the confirmed choice of every kernel that has one (nothing for a kernel
+whose default won), MetaSchedule's fastest record for the others.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ from .errors import CompileError, TuneError
 log = logging.getLogger(__name__)
 
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
+CHOICES = "choices.json"
 
-__all__ = ["DB_FILES", "database_dir", "open_database", "target_key"]
+__all__ = ["CHOICES", "DB_FILES", "applied_database", "database_dir", "fingerprint", "open_database",
+           "read_choices", "target_key", "workload_key", "write_choice"]
 
 
 def target_key(target: Any) -> str:
@@ -95,6 +104,14 @@ def open_database(path: str | os.PathLike, target: Any, *, create: bool = False)
     target's sub-database if it is missing (tuning); otherwise a missing one is a
     :class:`CompileError`.
     """
+    directory = locate(path, target, create=create)
+    directory.mkdir(parents=True, exist_ok=True)
+    _repair(directory)
+    return ms.database.JSONDatabase(work_dir=str(directory), allow_missing=create)
+
+
+def locate(path: str | os.PathLike, target: Any, *, create: bool = False) -> Path:
+    """The database directory for ``target`` under ``path`` (see :func:`open_database`)."""
     path = Path(path)
     if (path / DB_FILES[0]).is_file():
         directory = path
@@ -107,6 +124,66 @@ def open_database(path: str | os.PathLike, target: Any, *, create: bool = False)
                 f"no tuning records for {targets_.describe(targets_.resolve(target))} in {path} "
                 f"(expected {directory.name}/; " + (f"it has {', '.join(have)})" if have else "it has none)")
                 + "; run dcgraph tune first")
-    directory.mkdir(parents=True, exist_ok=True)
-    _repair(directory)
-    return ms.database.JSONDatabase(work_dir=str(directory), allow_missing=create)
+    return directory
+
+
+def fingerprint(trace: Any) -> str:
+    """A record's trace as text (its steps and decisions): equal for the same schedule."""
+    return json.dumps(trace.as_json(), default=str)
+
+
+def workload_key(mod: tvm.IRModule) -> str:
+    """A kernel's key in ``choices.json``: its structural hash."""
+    import tvm_ffi
+
+    return f"{tvm_ffi.structural_hash(mod) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def read_choices(directory: str | os.PathLike) -> dict[str, dict]:
+    """``choices.json`` of a database directory: ``{workload key: entry}`` (empty if none)."""
+    path = Path(directory) / CHOICES
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        log.warning("%s is damaged; the fastest stored records are applied instead", path)
+        return {}
+
+
+def write_choice(directory: str | os.PathLike, key: str, entry: dict) -> None:
+    """Set one kernel's choice (written whole to a temporary file, then renamed: never half-written)."""
+    choices = read_choices(directory)
+    choices[key] = entry
+    path = Path(directory) / CHOICES
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(choices, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def applied_database(path: str | os.PathLike, target: Any) -> ms.database.Database:
+    """What ``compile`` applies from a tuning directory: per kernel the record ``choices.json``
+    names (none where the default won), else MetaSchedule's fastest valid record."""
+    directory = locate(path, target)
+    database = open_database(path, target)
+    choices = read_choices(directory)
+    if not choices:
+        return database
+    chosen = ms.database.MemoryDatabase()
+    by_key: dict[str, list] = {}
+    for rec in database.get_all_tuning_records():
+        by_key.setdefault(workload_key(rec.workload.mod), []).append(rec)
+    for key, recs in by_key.items():
+        entry = choices.get(key)
+        if entry is None:
+            top = database.get_top_k(recs[0].workload, 1)
+            pick = top[0] if top else None
+        elif entry.get("choice") == "tuned":
+            pick = next((r for r in recs if fingerprint(r.trace) == entry.get("trace")), None)
+        else:
+            pick = None
+        if pick is not None:
+            workload = chosen.commit_workload(pick.workload.mod)
+            chosen.commit_tuning_record(ms.database.TuningRecord(
+                pick.trace, workload, pick.run_secs, pick.target, pick.args_info))
+    return chosen

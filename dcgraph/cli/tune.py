@@ -16,12 +16,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "tune", help="autotune a model's kernels with MetaSchedule (here, or on devices over TVM RPC)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Import MODEL as `compile` does, extract its kernels (the fused Deep Control "
-                    "kernels and TVM's own), spread TRIALS across them by FLOPs (at least --min-trials "
-                    "each; kernels under 1% of the FLOPs keep the default schedule) and tune them with "
-                    "MetaSchedule, with a progress bar. Every measured candidate is first checked "
-                    "against the kernel's reference on fixed inputs (wrong results are reported and "
-                    "never used) and stored in DB/<target key>/ as it is measured. Prints a table of "
-                    "the tasks: trials, best time, default-schedule time, what compile will use.",
+                    "kernels and TVM's own), spread TRIALS (and/or MINUTES) across them by FLOPs x calls "
+                    "(at least --min-trials each; kernels under 1% of the FLOPs keep the default "
+                    "schedule) and tune them, with a progress bar. A kernel whose default schedule has "
+                    "knobs (the blocked conv's register tile, the Winograd GEMM's, the depthwise row "
+                    "tile) is tuned over those knobs: every candidate a variant of the default, the "
+                    "default measured first; other kernels get MetaSchedule's search. Every measured "
+                    "candidate is first checked against the kernel's reference on fixed inputs (wrong "
+                    "results are reported and never used) and stored in DB/<target key>/ as it is "
+                    "measured. Before a candidate replaces the default, it is re-measured interleaved "
+                    "with it (a tuned build is never slower than the default here). Prints a table "
+                    "of the tasks: trials, best time, default time, what compile will use, speed-up.",
         epilog="TRIALS is the total for the model, and a target: trials already in the database "
                "count, so running the same command again\nresumes an interrupted run (Ctrl-C or a "
                "killed process keeps every measured trial) and a larger TRIALS spends the difference.\n"
@@ -38,8 +43,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tu.add_argument("model", metavar="MODEL",
                     help="as for compile: built-in name, module:factory, .pt2, .onnx")
     tu.add_argument("--target", default="x86", help="x86 | arm | JSON dict | 'llvm -mcpu=...' (default x86)")
-    tu.add_argument("--trials", type=non_negative, required=True, metavar="TRIALS",
-                    help="total trials for the model (a target, see below)")
+    tu.add_argument("--trials", type=non_negative, metavar="TRIALS",
+                    help="total trials for the model (a target, see below); give --trials, --minutes or both")
+    tu.add_argument("--minutes", type=positive_float, metavar="M",
+                    help="wall-time budget: stop taking new candidates after M minutes (each kernel "
+                         "gets a share by FLOPs x calls); alone, every knob space is measured whole "
+                         "as far as the time goes")
     tu.add_argument("--min-trials", type=positive, default=8, metavar="N",
                     help="trials every tuned kernel gets at least (default 8)")
     tu.add_argument("--kernels", metavar="NAME,...",
@@ -72,6 +81,16 @@ def host_port(text: str) -> str:
     return text
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
@@ -82,14 +101,17 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.rpc is None) != (args.key is None):
         raise ValueError("--rpc HOST:PORT and --key NAME go together")
+    if args.trials is None and args.minutes is None:
+        raise ValueError("give a budget: --trials N, --minutes M, or both")
     target = targets.resolve(args.target)
     model, shape = tvm_model(args.model, args.input_shape)
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     where = f"devices {args.key!r} of tracker {args.rpc}" if args.rpc else "this machine"
     print(f"tuning {args.model} {tuple(shape)} for {targets.describe(target)} on {where}: "
-          f"{args.trials} trials, database {args.db}", file=sys.stderr)
+          f"{budget(args)}, database {args.db}", file=sys.stderr)
     try:
-        report = tune(model, target, example, trials=args.trials, db=args.db, rpc=args.rpc, key=args.key,
+        report = tune(model, target, example, trials=args.trials, minutes=args.minutes, db=args.db,
+                      rpc=args.rpc, key=args.key,
                       cost_model=args.cost_model, progress=not args.no_progress and sys.stderr.isatty(),
                       convert=not args.no_convert, plan=args.plan, layout=args.layout,
                       winograd=not args.no_winograd, min_trials=args.min_trials,
@@ -111,3 +133,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"use the records: dcgraph compile {args.model} --target {args.target} --db {args.db}",
           file=sys.stderr)
     return 0
+
+
+def budget(args: argparse.Namespace) -> str:
+    parts = []
+    if args.trials is not None:
+        parts.append(f"{args.trials} trials")
+    if args.minutes is not None:
+        parts.append(f"{args.minutes:g} minutes")
+    return " or ".join(parts)

@@ -20,10 +20,12 @@ from tvm.s_tir import Schedule
 
 from ..targets import is_gpu
 from .common import IS_SCHEDULED, SCHEDULED, conv_stages, find_conv_block, is_tuned
-from .cpu import CPU_RULES, apply_cpu_rules, schedule_func_cpu, vector_lanes
+from .cpu import CPU_RULES, TUNABLE, apply_cpu_rules, schedule_func_cpu, vector_lanes
+from .knobs import Fixed, decisions, space
 
-__all__ = ["CPU_RULES", "IS_SCHEDULED", "SCHEDULED", "DefaultSchedule", "apply_cpu_rules", "conv_stages",
-           "find_conv_block", "is_tuned", "schedule_func_cpu", "traced_default", "vector_lanes"]
+__all__ = ["CPU_RULES", "IS_SCHEDULED", "SCHEDULED", "TUNABLE", "DefaultSchedule", "apply_cpu_rules",
+           "conv_stages", "decisions", "find_conv_block", "is_tuned", "knob_space", "schedule_func_cpu",
+           "traced_candidate", "traced_default", "vector_lanes"]
 
 
 @tvm.transform.module_pass(opt_level=0, name="dcgraph.DefaultSchedule")
@@ -61,3 +63,33 @@ def traced_default(mod: tvm.IRModule, target: tvm.target.Target) -> Schedule:
     sch = Schedule(mod)
     sch.get_sblock("root")
     return sch
+
+
+def knob_space(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[str | None, list[dict[str, int]]]:
+    """``(rule, candidates)``: the default rule of a CPU kernel and, if it has knobs
+    (:data:`TUNABLE`), every combination of them (:func:`.knobs.space`), the default first; a
+    combination under which another rule would take the kernel is left out. ``(rule, [])`` for
+    a kernel whose rule has no knobs, ``(None, [])`` where no rule applies."""
+    lanes = vector_lanes(target)
+    found = apply_cpu_rules(mod, lanes)
+    if found is None:
+        return None, []
+    rule = found[0]
+    if rule not in TUNABLE:
+        return rule, []
+
+    def apply(knobs) -> bool:
+        got = apply_cpu_rules(mod, lanes, knobs)
+        return got is not None and got[0] == rule
+
+    return rule, space(apply)
+
+
+def traced_candidate(mod: tvm.IRModule, target: tvm.target.Target, values: dict[str, int]) -> Schedule:
+    """The default rule's schedule with its knobs set to ``values``, each pick recorded in the
+    trace (a ``SampleCategorical`` with its decision), so the record replays to it."""
+    knobs = Fixed(None, values)
+    found = apply_cpu_rules(mod, vector_lanes(target), knobs)
+    if found is None:
+        raise ValueError("no default rule takes this kernel")
+    return found[1]

@@ -42,6 +42,7 @@ from .cpu_other_ops import (
     schedule_matmul,
 )
 from .cpu_winograd import schedule_blocked_winograd
+from .knobs import Knobs
 
 
 def _pick_tile(size: int | None, choices: tuple[int, ...]) -> int:
@@ -209,14 +210,26 @@ CPU_RULES: tuple[tuple[str, Callable[[Schedule, int], bool]], ...] = (
 )
 
 
-def apply_cpu_rules(mod: tvm.IRModule | tirx.PrimFunc, lanes: int = 8) -> tuple[str, Schedule] | None:
+#: the rules with knobs (:mod:`.knobs`): they take a third argument, the tuner's picks
+TUNABLE = frozenset({"blocked_winograd", "blocked_conv", "blocked_depthwise_dc", "blocked_depthwise"})
+
+
+def apply_cpu_rules(mod: tvm.IRModule | tirx.PrimFunc, lanes: int = 8, knobs: Knobs | None = None
+                    ) -> tuple[str, Schedule] | None:
     """The first rule of :data:`CPU_RULES` that takes the PrimFunc: ``(its name, the schedule)``, or
     None. Each rule works on a fresh schedule, so a rule that gives up half-way (returns False,
-    or a schedule primitive refuses) leaves nothing behind for the next one."""
+    or a schedule primitive refuses) leaves nothing behind for the next one. ``knobs``: the
+    picks a :data:`TUNABLE` rule makes (default: its defaults); a ``knobs`` with a ``sch``
+    attribute gets each fresh schedule there, to record its picks in the trace."""
     for name, rule in CPU_RULES:
         sch = Schedule(mod)
         try:
-            if rule(sch, lanes):
+            if knobs is not None and name in TUNABLE:
+                if hasattr(knobs, "sch"):
+                    knobs.sch = sch
+                if rule(sch, lanes, knobs):
+                    return name, sch
+            elif rule(sch, lanes):
                 return name, sch
         except tvm.s_tir.schedule.ScheduleError:
             continue

@@ -24,6 +24,7 @@ from tvm.s_tir import Schedule
 
 from ..kernels_blocked import channel_block
 from .common import conv_stages, extent, has_root, iter_kinds, largest_divisor, parallel, spatial_only
+from .knobs import DEFAULTS, Knobs
 
 
 def max_accumulators(lanes: int) -> int:
@@ -44,6 +45,18 @@ def conv_tile(wo: int, oc_chunks: int, cb: int, lanes: int) -> tuple[int, int]:
     return reg_n, oc_tile
 
 
+def tile_cap(lanes: int) -> int:
+    """Vector accumulators a *tuning candidate's* tile may hold: 1.5x :func:`max_accumulators`
+    (12 of AVX2's 16 registers ran faster than 8 on some shapes, measured in session 14)."""
+    return max_accumulators(lanes) * 3 // 2
+
+
+def divisors(n: int, low: int, high: int) -> list[int]:
+    """The divisors of ``n`` in ``[low, high]``, or ``[largest_divisor(n, high)]`` if none."""
+    found = [d for d in range(max(1, low), min(n, high) + 1) if n % d == 0]
+    return found or [largest_divisor(n, high)]
+
+
 def _blocked_conv_stages(sch: Schedule):
     """``(conv, producers, consumers)`` if the PrimFunc is a blocked conv (5-d output), else None."""
     if not has_root(sch):
@@ -62,8 +75,12 @@ def _schedule_pad(sch: Schedule, block, lanes: int) -> None:
         sch.vectorize(loops[-1])
 
 
-def schedule_blocked_conv(sch: Schedule, lanes: int = 16) -> bool:
-    """The register-blocked dense conv (see the module docstring); False if not a blocked conv."""
+def schedule_blocked_conv(sch: Schedule, lanes: int = 16, knobs: Knobs = DEFAULTS) -> bool:
+    """The register-blocked dense conv (see the module docstring); False if not a blocked conv.
+
+    Knobs (:mod:`.knobs`): ``oc_tile`` (channel blocks per tile: 1, 2, 4), ``reg_n`` (output
+    columns per tile: divisors of the row), the tile under :func:`tile_cap` accumulators;
+    ``unroll_kw`` (1: the kernel's columns unrolled, as by default)."""
     stages = _blocked_conv_stages(sch)
     if stages is None:
         return False
@@ -81,6 +98,12 @@ def schedule_blocked_conv(sch: Schedule, lanes: int = 16) -> bool:
         order = [rh, rc, rw]
     wo, kos, cb = extent(sch, ow), extent(sch, ko), extent(sch, co)
     reg_n, oc_tile = conv_tile(wo, kos, cb, lanes)
+    vecs, cap = max(1, cb // lanes), tile_cap(lanes)
+    oc_choice = knobs.pick("oc_tile", [t for t in (1, 2, 4) if kos % t == 0 and t * vecs <= cap], oc_tile)
+    if oc_choice != oc_tile:
+        oc_tile, reg_n = oc_choice, largest_divisor(wo, max_accumulators(lanes) // (oc_choice * vecs))
+    reg_n = knobs.pick("reg_n", divisors(wo, 2, cap // (oc_tile * vecs)), reg_n)
+    unroll_kw = knobs.pick("unroll_kw", [1, 0] if (extent(sch, rw) or 1) > 1 else [1], 1)
     koo, koi = sch.split(ko, [None, oc_tile])
     owo, owi = sch.split(ow, [None, reg_n])
     sch.reorder(n, koo, oh, owo, *order, koi, owi, co)
@@ -89,7 +112,8 @@ def schedule_blocked_conv(sch: Schedule, lanes: int = 16) -> bool:
         sch.set_scope(conv, 0, "local")
     par = sch.fuse(n, koo, oh)
     parallel(sch, par)
-    sch.unroll(rw)
+    if unroll_kw:
+        sch.unroll(rw)
     sch.unroll(koi)
     sch.unroll(owi)
     sch.vectorize(co)
@@ -113,9 +137,16 @@ def _pad_per_row(sch: Schedule, producers, par, lanes: int) -> None:
             sch.vectorize(loops[-1])
 
 
-def schedule_blocked_depthwise(sch: Schedule, lanes: int = 16) -> bool:
+def _depthwise_reg_n(sch: Schedule, ow, lanes: int, knobs: Knobs) -> int:
+    """Columns per depthwise tile: the largest divisor of the row up to 8; knob ``reg_n``."""
+    wo = extent(sch, ow) or 1
+    return knobs.pick("reg_n", divisors(wo, 2, tile_cap(lanes)), largest_divisor(wo, 8))
+
+
+def schedule_blocked_depthwise(sch: Schedule, lanes: int = 16, knobs: Knobs = DEFAULTS) -> bool:
     """Depthwise blocked conv: ``(n, c_chunk, oh)`` parallel, ``reg_n`` columns unrolled, the
-    channel block vectorised, the taps around them; epilogue (if any) on the tile."""
+    channel block vectorised, the taps around them; epilogue (if any) on the tile. Knob:
+    ``reg_n``."""
     stages = _blocked_conv_stages(sch)
     if stages is None:
         return False
@@ -124,7 +155,7 @@ def schedule_blocked_depthwise(sch: Schedule, lanes: int = 16) -> bool:
         return False
     out = consumers[-1] if consumers else sch.cache_write(conv, 0, "local")
     n, k, oh, ow, c, rh, rw = sch.get_loops(conv)
-    reg_n = largest_divisor(extent(sch, ow), 8)
+    reg_n = _depthwise_reg_n(sch, ow, lanes, knobs)
     owo, owi = sch.split(ow, [None, reg_n])
     sch.reorder(n, k, oh, owo, rh, rw, owi, c)
     sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
@@ -150,7 +181,7 @@ def schedule_blocked_depthwise(sch: Schedule, lanes: int = 16) -> bool:
 FUSED_SUM_PIXELS = 14 * 14
 
 
-def schedule_blocked_depthwise_dc(sch: Schedule, lanes: int = 16) -> bool:
+def schedule_blocked_depthwise_dc(sch: Schedule, lanes: int = 16, knobs: Knobs = DEFAULTS) -> bool:
     """Depthwise conv + two-pass Deep Control in one kernel
     (:func:`..kernels_blocked.depthwise_deep_control`): ``(n, c_chunk)`` parallel; in each
     iteration, per output row, the padded input rows it reads; the channel block's conv
@@ -159,7 +190,7 @@ def schedule_blocked_depthwise_dc(sch: Schedule, lanes: int = 16) -> bool:
     sum (vectorised over the block; on maps of :data:`FUSED_SUM_PIXELS` or more added up from
     each tile as it is written, not from a second read of the scratch map) and the epilogue
     (with any elementwise op fused after it) over that map. The output is written once; the
-    input is read once."""
+    input is read once. Knob: ``reg_n``."""
     names = _names(sch)
     if "blocked_conv" not in names or "map_sum" not in names:
         return False
@@ -186,7 +217,7 @@ def schedule_blocked_depthwise_dc(sch: Schedule, lanes: int = 16) -> bool:
     # the conv tile
     oh, ow, c, rh, rw = sch.get_loops(conv)[-5:]
     fused_sum = (extent(sch, oh) or 0) * (extent(sch, ow) or 0) >= FUSED_SUM_PIXELS
-    reg_n = largest_divisor(extent(sch, ow), 8)
+    reg_n = _depthwise_reg_n(sch, ow, lanes, knobs)
     owo, owi = sch.split(ow, [None, reg_n])
     sch.reorder(oh, owo, rh, rw, owi, c)
     tile = sch.cache_write(conv, 0, "local")

@@ -20,6 +20,8 @@ from tvm.s_tir import Schedule
 
 from ..winograd import PIXEL_TILE
 from .common import extent, has_root, parallel
+from .cpu_blocked import tile_cap
+from .knobs import DEFAULTS, Knobs
 
 
 def _consumers(sch: Schedule) -> list | None:
@@ -34,8 +36,12 @@ def _consumers(sch: Schedule) -> list | None:
     return blocks[names.index("winograd_output"):]
 
 
-def schedule_blocked_winograd(sch: Schedule, lanes: int = 16) -> bool:
-    """Schedule a :func:`..winograd.conv` PrimFunc (see the module docstring); False if it is not one."""
+def schedule_blocked_winograd(sch: Schedule, lanes: int = 16, knobs: Knobs = DEFAULTS) -> bool:
+    """Schedule a :func:`..winograd.conv` PrimFunc (see the module docstring); False if it is not one.
+
+    Knobs (:mod:`.knobs`) of the GEMM's register tile: ``oc_tile`` (channel blocks: 1, 2, 4) and
+    ``pixel_tile`` (tiles: 2 to 8), under
+    :func:`.cpu_blocked.tile_cap` accumulators."""
     consumers = _consumers(sch)
     if consumers is None:
         return False
@@ -60,9 +66,14 @@ def schedule_blocked_winograd(sch: Schedule, lanes: int = 16) -> bool:
     gemm = sch.get_sblock("winograd_gemm")
     sch.compute_at(gemm, n, preserve_unit_loops=True)  # (its own batch loop is left, extent 1)
     k, p, e, v, j, rk, rc = sch.get_loops(gemm)[-7:]
-    oc_tile = 2 if (extent(sch, k) or 1) % 2 == 0 else 1
+    kext, cap = extent(sch, k) or 1, tile_cap(lanes)
+    oc_tile = knobs.pick("oc_tile", [t for t in (1, 2, 4) if kext % t == 0 and t <= cap],
+                         2 if kext % 2 == 0 else 1)
+    # the tiles a sample uses need not fill whole register tiles (the stored V and M are
+    # rounded up to PIXEL_TILE; a last partial tile is guarded), so any size is a candidate
+    pixel_tile = knobs.pick("pixel_tile", [t for t in (2, 3, 4, 6, 8) if t * oc_tile <= cap], PIXEL_TILE)
     ko, ki = sch.split(k, [None, oc_tile])
-    po, pi = sch.split(p, [None, PIXEL_TILE])
+    po, pi = sch.split(p, [None, pixel_tile])
     sch.reorder(e, v, ko, po, rk, rc, pi, ki, j)
     acc = sch.cache_write(gemm, 0, "local")
     sch.reverse_compute_at(acc, po, preserve_unit_loops=True)

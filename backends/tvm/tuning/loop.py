@@ -29,6 +29,8 @@ from ..errors import TuneError
 from ..frontends import prepare
 from ..pipeline import fuse
 from ..schedules import traced_default
+from . import knob_search
+from .confirm import confirm
 from .measure import LOST, UNAVAILABLE, reason
 from .postprocs import with_sound_reductions
 from .progress import DeviceLost, TaskState, Tracker, callbacks
@@ -57,17 +59,25 @@ class _Job:
     budget: int
     workload: Any
     report: TaskReport
+    knobs: int = 0  # points of its default rule's knob space besides the default (0: MetaSchedule's space)
 
 
 def tune(
-    model: Any, target: Any = "x86", example_inputs: Any = None, *, trials: int,
-    db: str | os.PathLike, rpc: str | None = None, key: str | None = None, cost_model: str = "auto",
+    model: Any, target: Any = "x86", example_inputs: Any = None, *, trials: int | None = None,
+    minutes: float | None = None, db: str | os.PathLike, rpc: str | None = None, key: str | None = None,
+    cost_model: str = "auto",
     progress: bool = True, convert: bool = True, plan: str = "auto", fuse_plain: bool = True,
     shape: dict | None = None, min_trials: int = MIN_TRIALS, skip_share: float = SKIP_SHARE,
     kernels: Sequence[str] | None = None, timeout: float | None = None, layout: str = "auto",
     winograd: bool = True,
 ) -> TuneReport:
-    """Tune ``model``'s kernels for ``target``, ``trials`` trials in all; records in ``db/<target key>/``.
+    """Tune ``model``'s kernels for ``target``, ``trials`` trials in all and/or ``minutes`` of
+    wall time; records in ``db/<target key>/``.
+
+    ``minutes``: the run stops taking new candidates when they are spent; each task gets a share
+    of what is left when it starts, by its cost (FLOPs x calls). With ``minutes`` alone, every
+    task's knob space is measured whole (MetaSchedule's tasks: :data:`MINUTES_TRIALS` each) as
+    far as the time goes.
 
     ``model``/``example_inputs``/``convert``/``plan``/``fuse_plain``/``shape``/``layout``/``winograd``:
     as for ``compile`` (an ``IRModule`` is taken as is). ``rpc="host:port"`` and ``key``:
@@ -81,7 +91,11 @@ def tune(
     are kept). Raises :class:`TuneError` when no device answers; its ``report`` is the partial one.
     """
     t0 = time.monotonic()
-    tgt, rpc_addr = _check_request(target, trials, rpc, key)
+    if trials is None and minutes is None:
+        raise TuneError("give a budget: trials=N (per model) and/or minutes=M")
+    if minutes is not None and not minutes > 0:
+        raise TuneError(f"minutes must be > 0, got {minutes}")
+    tgt, rpc_addr = _check_request(target, 0 if trials is None else trials, rpc, key)
     model_name, model_note = cost_model_choice(cost_model)
     if rpc_addr is not None:
         servers, threads = device_check(rpc_addr, key)
@@ -99,11 +113,13 @@ def tune(
     (directory / "target.json").write_text(
         json.dumps({"key": directory.name, "target": str(tuning_tgt)}) + "\n")
 
-    report = TuneReport(targets_.describe(tgt), str(directory), model_note, device, trials)
-    jobs = _plan(tasks, kernels, skip_share, trials, min_trials, database, report)
+    report = TuneReport(targets_.describe(tgt), str(directory), model_note, device,
+                        trials if trials is not None else 0, minutes)
+    jobs = _plan(tasks, kernels, skip_share, trials, min_trials, database, report, tuning_tgt)
     tools = Tools(tgt, tuning_tgt, (*rpc_addr, key) if rpc_addr else None, workers,
                   timeout or (300.0 if rpc else 60.0), model_name)
-    _run(jobs, report, database, tools, directory, progress)
+    deadline = t0 + minutes * 60 if minutes is not None else None
+    _run(jobs, report, database, tools, directory, progress, deadline)
     report.seconds = time.monotonic() - t0
     if report.error is not None:
         raise TuneError(f"tuning stopped: {report.error}; the {report.trials_run} trials measured before "
@@ -132,13 +148,39 @@ def _check_request(target: Any, trials: int, rpc: str | None, key: str | None
     return tgt, parse_address(rpc)
 
 
-def _plan(tasks: list[Task], kernels: Sequence[str] | None, skip_share: float, trials: int,
-          min_trials: int, database: Any, report: TuneReport) -> list[_Job]:
+#: trials per MetaSchedule task when only ``minutes`` are given (the time stops it first)
+MINUTES_TRIALS = 256
+
+
+def _budgets(eligible: list[Task], sizes: list[int], trials: int | None, min_trials: int) -> list[int]:
+    """Trials per task: :func:`.tasks.split_budget`, but a task with a knob space gets no more than
+    the space's size and what it cannot use goes to the others (by cost again)."""
+    if trials is None:
+        return [n if n else MINUTES_TRIALS for n in sizes]
+    capped: dict[int, int] = {}
+    while True:
+        free = [i for i in range(len(eligible)) if i not in capped]
+        shares = split_budget([eligible[i].cost for i in free], trials - sum(capped.values()), min_trials)
+        over = [(i, b) for i, b in zip(free, shares, strict=True) if sizes[i] and b > sizes[i]]
+        if not over:
+            out = [0] * len(eligible)
+            for i, b in capped.items():
+                out[i] = b
+            for i, b in zip(free, shares, strict=True):
+                out[i] = b
+            return out
+        for i, _ in over:
+            capped[i] = sizes[i]
+
+
+def _plan(tasks: list[Task], kernels: Sequence[str] | None, skip_share: float, trials: int | None,
+          min_trials: int, database: Any, report: TuneReport, target: tvm.target.Target) -> list[_Job]:
     """The tasks to tune with their budgets (the others go to ``report.skipped``)."""
     eligible, report.skipped = select(tasks, kernels, skip_share)
+    sizes = [knob_search.space_size(t, target) for t in eligible]
     jobs = []
-    for task, budget in zip(eligible, split_budget([t.cost for t in eligible], trials, min_trials),
-                            strict=True):
+    for task, budget, size in zip(eligible, _budgets(eligible, sizes, trials, min_trials), sizes,
+                                  strict=True):
         if budget == 0:
             report.skipped.append((task.name, "budget"))
             continue
@@ -146,12 +188,12 @@ def _plan(tasks: list[Task], kernels: Sequence[str] | None, skip_share: float, t
         rep = TaskReport(task.name, task.origin, task.weight, task.flops / 1e6, budget,
                          search_trials(database, workload))
         report.tasks.append(rep)
-        jobs.append(_Job(task, budget, workload, rep))
+        jobs.append(_Job(task, budget, workload, rep, size))
     return jobs
 
 
 def _run(jobs: list[_Job], report: TuneReport, database: Any, tools: Tools, directory: Path,
-         progress: bool) -> None:
+         progress: bool, deadline: float | None = None) -> None:
     """Tune every job in turn; fills ``report`` (``interrupted``, ``error``) instead of raising
     for Ctrl-C and a lost device."""
     todo = sum(max(0, j.budget - j.report.trials_before) for j in jobs)
@@ -160,14 +202,30 @@ def _run(jobs: list[_Job], report: TuneReport, database: Any, tools: Tools, dire
     if progress and todo:
         from tqdm import tqdm
 
-        bar = tqdm(total=todo, unit="trial", desc="tuning", dynamic_ncols=True)
+        if deadline is not None:  # a time budget: the bar counts its seconds
+            total = max(1, round(deadline - time.monotonic()))
+            bar = tqdm(total=total, unit="s", desc="tuning", dynamic_ncols=True)
+        else:
+            bar = tqdm(total=todo, unit="trial", desc="tuning", dynamic_ncols=True)
     tracker = Tracker(bar, database)
+    if bar is not None and deadline is not None:
+        tracker.clock = (time.monotonic(), bar.total)
+    cost_left = sum(j.task.cost for j in jobs)
     scratch = Path(tempfile.mkdtemp(prefix="dcgraph-tune-"))
     sigint = SigintWatch()
     clean = False
     try:
         for job in jobs:
-            _tune_task(job, database, tools, tracker, scratch, directory / "logs", task_log, bar, sigint)
+            until = None
+            if deadline is not None:  # this task's share of the time left, by cost
+                now = time.monotonic()
+                if now >= deadline:
+                    job.report.note = "not reached: the time ran out"
+                    job.report.best_ms, job.report.kept = best_record(database, job.workload)
+                    continue
+                until = now + (deadline - now) * job.task.cost / max(cost_left, 1e-9)
+            cost_left -= job.task.cost
+            _tune_task(job, database, tools, tracker, scratch, directory, task_log, bar, sigint, until)
             if tracker.abort is not None:
                 break
         clean = tracker.abort is None
@@ -194,16 +252,26 @@ def _run(jobs: list[_Job], report: TuneReport, database: Any, tools: Tools, dire
     report.error = tracker.abort
 
 
-def _tune_task(job: _Job, database: Any, tools: Tools, tracker: Tracker, scratch: Path, logs: Path,
-               task_log: Any, bar: Any, sigint: SigintWatch) -> None:
-    """The default schedule's record (once per database), then the search for what is left."""
+def _tune_task(job: _Job, database: Any, tools: Tools, tracker: Tracker, scratch: Path, directory: Path,
+               task_log: Any, bar: Any, sigint: SigintWatch, until: float | None = None) -> None:
+    """The default schedule's record (once per database), then the search for what is left (the
+    default rule's knob space where it has one, else MetaSchedule's), then the confirmation of
+    the best candidates against the current choice (:mod:`.confirm`, on this machine)."""
     task, rep = job.task, job.report
     remaining = max(0, job.budget - rep.trials_before)
     st = tracker.state = TaskState(task.name)
-    tracker.workload, tracker.target = job.workload, tools.tuning_target
+    tracker.workload, tracker.target, tracker.deadline = job.workload, tools.tuning_target, until
     default_s, rep.note = _measure_default(task, job.workload, database, tools, scratch)
     rep.default_ms = default_s * 1e3 if default_s is not None else None
-    if remaining:
+    tracker.default = default_s
+    if remaining and job.knobs:
+        if bar is not None:
+            bar.set_description(f"{task.name} ({rep.trials_before}+{remaining})")
+        tools.reference(task, scratch)
+        _, note = knob_search.search(task, job.workload, remaining, database, tools, tracker, until)
+        rep.trials_run = search_trials(database, job.workload) - rep.trials_before
+        rep.note = _join(rep.note, note)
+    elif remaining:
         if bar is not None:
             bar.set_description(f"{task.name} ({rep.trials_before}+{remaining})")
         tools.reference(task, scratch)
@@ -219,20 +287,27 @@ def _tune_task(job: _Job, database: Any, tools: Tools, tracker: Tracker, scratch
                              search_strategy=strategy, task_name=task.name, logger=task_log,
                              num_threads=tools.ncpu)
         try:
-            ms.tune_tasks(tasks=[ctx], task_weights=[1.0], work_dir=str(logs),
+            ms.tune_tasks(tasks=[ctx], task_weights=[1.0], work_dir=str(directory / "logs"),
                           max_trials_global=remaining, max_trials_per_task=remaining,
                           num_trials_per_iter=per_iter, builder=tools.builder, runner=tools.runner,
                           database=database, cost_model=tools.cost_model,
                           measure_callbacks=callbacks(tracker), task_scheduler="round-robin")
         except Exception:  # an exception inside MetaSchedule's loop comes back as a RuntimeError
-            if tracker.abort is None or sigint.seen:
+            if (tracker.abort is None and not tracker.out_of_time) or sigint.seen:
                 raise
         rep.trials_run = search_trials(database, job.workload) - rep.trials_before
-        if rep.trials_run < remaining and tracker.abort is None:
+        if tracker.out_of_time:
+            rep.note = _join(rep.note, "its share of the time ran out")
+        elif rep.trials_run < remaining and tracker.abort is None:
             rep.note = _join(rep.note, f"the search stopped after {rep.trials_run} of {remaining} "
                                        "new trials (no new candidates in its space)")
     rep.wrong_results, rep.errors = st.wrong, st.errors + st.build_errors
     rep.best_ms, rep.kept = best_record(database, job.workload)
+    if tools.rpc is None and tracker.abort is None and default_s is not None:
+        choice = confirm(task, job.workload, database, tools, directory)
+        rep.kept, rep.confirmed_ms, rep.confirmed_default_ms = (choice.kept, choice.chosen_ms,
+                                                                 choice.default_ms)
+        rep.note = _join(rep.note, choice.note)
 
 
 def _interrupted(report: TuneReport, jobs: list[_Job], database: Any) -> None:
@@ -244,7 +319,7 @@ def _interrupted(report: TuneReport, jobs: list[_Job], database: Any) -> None:
 
 
 def _join(a: str, b: str) -> str:
-    return f"{a}; {b}" if a else b
+    return f"{a}; {b}" if a and b else a or b
 
 
 def _measure_default(task: Task, workload: Any, database: Any, tools: Tools,

@@ -29,7 +29,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from .tasks import Task
 
-__all__ = ["CHECK_RTOL", "LOST", "UNAVAILABLE", "WRONG", "Runner", "build", "export", "export_arm",
+__all__ = ["CHECK_RTOL", "LOST", "UNAVAILABLE", "WRONG", "Runner", "build", "compare", "export", "export_arm",
            "fixed_inputs", "measure", "mismatch", "reason", "reference_outputs", "write_reference"]
 
 #: a candidate whose outputs differ from the reference by more than this (relative to the
@@ -159,6 +159,44 @@ def measure_on(job: dict[str, Any]) -> list[float]:
         if session is not None and remote_name is not None:
             with contextlib.suppress(Exception):  # the device may be gone; the error above says so
                 session.remove(remote_name)
+
+
+def compare(job: dict[str, Any]) -> list[list[float] | str]:
+    """Seconds per call of each kernel in ``job["artifacts"]``, timed interleaved on this CPU: after a
+    warm-up call of each, ``job["rounds"]`` rounds, each timing every kernel once (a block of calls
+    of at least ``job["min_repeat_ms"]``), the order reversed every other round, so a slow spell of
+    the machine falls on all of them alike. Runs in a pool worker; the kernels share one set of
+    buffers (the fixed inputs).
+
+    With ``job["ref"]`` (a reference's .npz), each kernel's buffers are first checked after one run
+    on the fixed inputs: a kernel that differs gets a :data:`WRONG` message instead of times."""
+    from tvm import runtime
+
+    dev = runtime.device(job["device_type"], 0)
+    mods = [runtime.load_module(a) for a in job["artifacts"]]
+    arrays = fixed_inputs(job["args_info"])
+    want = None
+    if job.get("ref") is not None:
+        with np.load(job["ref"]) as ref:
+            want = [ref[f"a{i}"] for i in range(len(arrays))]
+    out: list[list[float] | str] = [[] for _ in mods]
+    tensors = [runtime.tensor(a, dev) for a in arrays]
+    for i, m in enumerate(mods):
+        if want is not None:
+            tensors = [runtime.tensor(a, dev) for a in arrays]
+            m[m.entry_name](*tensors)
+            why = mismatch([t.numpy() for t in tensors], want)
+            if why is not None:
+                out[i] = f"{WRONG}: {why}"
+    timed = [i for i in range(len(mods)) if not isinstance(out[i], str)]
+    evaluators = {i: mods[i].time_evaluator(mods[i].entry_name, dev, number=1, repeat=1,
+                                            min_repeat_ms=job["min_repeat_ms"]) for i in timed}
+    for i in timed:
+        evaluators[i](*tensors)
+    for r in range(job["rounds"]):
+        for i in (timed if r % 2 == 0 else timed[::-1]):
+            out[i].append(float(evaluators[i](*tensors).mean))
+    return out
 
 
 @derived_object

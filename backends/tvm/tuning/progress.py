@@ -9,6 +9,7 @@ measures them) and raises :class:`DeviceLost` through MetaSchedule's loop when t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,10 @@ class Tracker:
         self.target: tvm.target.Target | None = None
         self.failed_batches = 0
         self.abort: str | None = None
+        self.deadline: float | None = None  # the current task's share of the time ends (monotonic)
+        self.out_of_time = False  # set when a batch ends past the deadline: the search stops
+        self.default: float | None = None  # the current task's default schedule, seconds
+        self.clock: tuple[float, float] | None = None  # (start, seconds) when the bar counts time
 
     def batch(self, candidates: Sequence[Any], builder_results: Sequence[Any],
               runner_results: Sequence[Any]) -> bool:
@@ -86,8 +91,14 @@ class Tracker:
                 cand.sch.trace, self.workload, run_secs, self.target, cand.args_info))
         self.failed_batches = self.failed_batches + 1 if ok == 0 and failed else 0
         if self.bar is not None:
-            self.bar.update(len(runner_results))
+            if self.clock is not None:  # a time budget: the bar counts seconds, its ETA is the deadline
+                start, total = self.clock
+                self.bar.update(max(0, min(total, round(time.monotonic() - start)) - self.bar.n))
+            else:
+                self.bar.update(len(runner_results))
             post = {"best_ms": f"{st.best * 1e3:.4g}" if st.best is not None else "-"}
+            if st.best is not None and self.default:
+                post["speedup"] = f"{self.default / st.best:.2f}x"
             if st.wrong:
                 post["wrong"] = st.wrong
             if st.errors:
@@ -97,7 +108,9 @@ class Tracker:
             self.abort = st.last_error
         elif self.failed_batches >= 2:
             self.abort = f"two batches in a row failed to run ({st.last_error})"
-        return self.abort is not None
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.out_of_time = True
+        return self.abort is not None or self.out_of_time
 
 
 @derived_object
@@ -111,7 +124,7 @@ class Callback(ms.measure_callback.PyMeasureCallback):
         if self.tracker.batch(list(measure_candidates), list(builder_results), list(runner_results)):
             # MetaSchedule's loop has no clean stop from a callback (terminate_task here trips its
             # checks): raise through it; this batch is already in the database
-            raise DeviceLost(self.tracker.abort)
+            raise DeviceLost(self.tracker.abort or "out of time")
 
 
 def callbacks(tracker: Tracker) -> list[Any]:

@@ -10,8 +10,10 @@ __all__ = ["TaskReport", "TuneReport"]
 
 @dataclass
 class TaskReport:
-    """One task after tuning. Times in ms; ``kept``: what ``compile`` will use (``tuned``: the best
-    search record, ``default``: the default schedule's record won, ``-``: nothing in the database)."""
+    """One task after tuning. Times in ms; ``kept``: what ``compile`` will use (``tuned``: a search
+    record, ``default``: the default schedule, ``-``: nothing in the database). On this machine
+    the choice is confirmed by an interleaved re-measurement (:mod:`.confirm`): ``speedup`` is
+    the kept schedule's over the default, measured that way."""
 
     name: str
     origin: str
@@ -26,6 +28,17 @@ class TaskReport:
     wrong_results: int = 0
     errors: int = 0
     note: str = ""
+    confirmed_ms: float | None = None  # the kept schedule, re-measured interleaved with ...
+    confirmed_default_ms: float | None = None  # ... the default (:mod:`.confirm`)
+
+    @property
+    def speedup(self) -> float | None:
+        """The kept schedule's speed-up over the default, as confirmed (1.0 where the default is kept)."""
+        if self.kept == "default":
+            return 1.0
+        if self.confirmed_ms and self.confirmed_default_ms:
+            return self.confirmed_default_ms / self.confirmed_ms
+        return None
 
     @property
     def trials(self) -> int:
@@ -41,6 +54,7 @@ class TuneReport:
     cost_model: str
     device: str
     trials: int
+    minutes: float | None = None
     tasks: list[TaskReport] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
@@ -59,10 +73,13 @@ class TuneReport:
         def ms_(v: float | None) -> str:
             return f"{v:.4g}" if v is not None else "-"
 
-        rows = [("task", "kind", "calls", "MFLOP", "trials", "new", "best ms", "default ms", "kept", "wrong")]
+        rows = [("task", "kind", "calls", "MFLOP", "trials", "new", "best ms", "default ms", "kept",
+                 "speed-up", "wrong")]
         for t in self.tasks:
+            up = f"{t.speedup:.2f}x" if t.speedup is not None else "-"
             rows.append((t.name, t.origin, str(t.weight), f"{t.mflops:.3g}", f"{t.trials}/{t.budget}",
-                         str(t.trials_run), ms_(t.best_ms), ms_(t.default_ms), t.kept, str(t.wrong_results)))
+                         str(t.trials_run), ms_(t.best_ms), ms_(t.default_ms), t.kept, up,
+                         str(t.wrong_results)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [f"target {self.target}; {self.device}; cost model: {self.cost_model}; "
                  f"database {self.database}"]
