@@ -107,9 +107,11 @@ def _tvm_row(kind: str, s: OpShape, t: dict, st: Settings, info: dict):
             from dcgraph.backends.tvm.tuning import tune
 
             t0 = time.perf_counter()
-            tune(tvm_module("fused", s, t), st.target, None, trials=st.tune_trials, db=st.db, convert=False,
-                 fuse_plain=False, progress=False)
+            report = tune(tvm_module("fused", s, t), st.target, None, trials=st.tune_trials, db=st.db,
+                          convert=False, fuse_plain=False, progress=False)
             info["tune_s"] = round(time.perf_counter() - t0, 1)
+            info["kept"] = {r.name: (r.kept, round(r.speedup, 3) if r.speedup else None)
+                            for r in report.tasks}
         try:
             compiled = compiler.compile(tvm_module("fused", s, t), st.target, convert=False, fuse_plain=False,
                                         database=st.db)
@@ -120,7 +122,7 @@ def _tvm_row(kind: str, s: OpShape, t: dict, st: Settings, info: dict):
         dc = [k for k in compiled.kernels if k.origin == "dcgraph"]
         tuned = [k for k in dc if k.schedule == "tuned"]
         info["kernels_tuned"] = f"{len(tuned)}/{len(dc)}"
-        if not tuned:
+        if not tuned and not info.get("kept"):  # (tuned here: the defaults won, the row is their build)
             raise H.NotYet(f"no tuned record for this block's kernels in {st.db} (dcgraph tune)")
         vm = compiled.vm()
         fn = vm["main"]
@@ -234,6 +236,9 @@ def ratios(rows: dict[str, dict]) -> dict[str, Any]:
             out["peer_vs_floor"] = peer / floor
     if dc and peer:
         out["dcgraph_vs_peer"] = dc / peer
+    tuned, untuned = rows.get("tvm_tuned", {}), rows.get("tvm_fused", {})
+    if tuned.get("status") == H.OK and untuned.get("status") == H.OK:
+        out["tuned_vs_untuned"] = tuned["median_ms"] / untuned["median_ms"]
     _, floor_min = best("floor", "min_ms")
     _, dc_min = best("dcgraph", "min_ms")
     if floor_min and dc_min:
@@ -254,7 +259,8 @@ def summarize(recs: list[dict]) -> dict[str, dict]:
             if vals:
                 per_row[key] = {"geomean_vs_floor": H.geomean(vals), "n": len(vals)}
         s: dict[str, Any] = {"cases": len(sel), "rows": per_row}
-        for key in ("dcgraph_vs_floor", "dcgraph_vs_peer", "peer_vs_floor", "dcgraph_vs_floor_min"):
+        for key in ("dcgraph_vs_floor", "dcgraph_vs_peer", "peer_vs_floor", "dcgraph_vs_floor_min",
+                    "tuned_vs_untuned"):
             vals = [r[key] for r in sel if key in r]
             if vals:
                 s[key] = H.geomean(vals)
@@ -305,6 +311,14 @@ def markdown(recs: list[dict], summary: dict, head: str, repeats: int, command: 
                      f"alone, geometric mean) **{verdict}**: {s.get('dcgraph_vs_floor', float('nan')):.2f}x "
                      f"on medians, {s.get('dcgraph_vs_floor_min', float('nan')):.2f}x on minimum times; "
                      f"{s['within_goal']} blocks within {GOAL:.2f}x")
+    for batch in summary:
+        tv = [(r["tuned_vs_untuned"], r["layer"]) for r in recs if str(r["batch"]) == batch
+              and "tuned_vs_untuned" in r]
+        if tv:
+            lines.append(f"- batch {batch}: tuned / untuned (medians, interleaved) geometric mean "
+                         f"{H.geomean([v for v, _ in tv]):.3f}x; best {min(tv)[0]:.2f}x ({min(tv)[1]}), "
+                         f"worst {max(tv)[0]:.2f}x ({max(tv)[1]}); "
+                         f"{sum(v > 1.05 for v, _ in tv)} of {len(tv)} blocks above 1.05x")
     notes: dict[str, set] = {}
     for r in recs:
         for k, row in r["rows"].items():
