@@ -25,6 +25,8 @@ from .errors import CompileError
 from .frontends import as_tuple, prepare
 from .pipeline import kernel_report, lower_pipeline, optimize, uses_blocked
 from .runtime import CompiledModel, InputSpec, _flatten
+from .shipped import shipped_records
+from .shipped import source as shipped_source
 
 __all__ = ["compile", "inputs_of"]
 
@@ -46,7 +48,7 @@ def compile(
     example_inputs: Any = None, *, plan: str = "auto", convert: bool = True,
     fuse_plain: bool = True, database: Any = None, shape: dict | None = None, layout: str = "auto",
     max_batch: int | None = None, buckets: Sequence[int] | None = None,
-    progress: Callable[[str], None] | None = None, winograd: bool = True,
+    progress: Callable[[str], None] | None = None, winograd: bool = True, shipped: bool = True,
 ) -> CompiledModel:
     """Compile ``model`` for ``target`` (preset name, dict, tag or Target).
 
@@ -63,15 +65,24 @@ def compile(
     ``progress``: called with a line as each stage starts (``dcgraph compile`` prints them).
     ``winograd``: in the blocked layout, 3x3 stride-1 convs with constant weights run as Winograd
     F(m, 3) (:mod:`.winograd`: 1.3-2.6x faster per conv, float32 error ~1e-6 of the output's range,
-    a transformed weight 1.8-4x the size); False keeps every conv direct.
+    a transformed weight 1.8-4x the size); False keeps every conv direct. ``shipped``: without a
+    ``database``, apply the tuning records dcgraph ships for the target's CPU family where they
+    match a kernel (:mod:`.shipped`); ``summary()`` says where the records came from.
     """
     say = progress or (lambda _msg: None)
     tgt = targets_.resolve(target)
     uses_blocked(tgt, layout)  # an unknown layout fails here, before the import
     example = as_tuple(example_inputs)
     sizes = bucket_sizes(_batch_of(example, max_batch, buckets), max_batch, buckets)
+    records = None
     if isinstance(database, str | Path):
+        records = str(database)
         database = applied_database(database, tgt)
+    elif database is None and shipped and shipped_records(tgt) is not None:
+        found = shipped_records(tgt)
+        records, database = shipped_source(found), applied_database(found, tgt)
+    elif database is not None:
+        records = "the given database"
     if not sizes:
         say("importing the model (dcgraph's passes, then Relax)")
         mod = prepare(model, example_inputs, plan=plan, convert=convert, fuse_plain=fuse_plain, shape=shape)
@@ -93,6 +104,7 @@ def compile(
     say(f"building {len(kernels)} kernels for {targets_.describe(tgt)}")
     ex = tvm.compile(mod, target=tgt, relax_pipeline=lower_pipeline(tgt))
     compiled = CompiledModel(ex, tgt, inputs, kernels, entries=entries)
+    compiled.records = records
     if sizes and targets_.runs_here(tgt):
         say("checking that the buckets agree sample for sample")
 

@@ -128,8 +128,10 @@ def locate(path: str | os.PathLike, target: Any, *, create: bool = False) -> Pat
 
 
 def fingerprint(trace: Any) -> str:
-    """A record's trace as text (its steps and decisions): equal for the same schedule."""
-    return json.dumps(trace.as_json(), default=str)
+    """A record's trace (its steps and decisions) as a short hash: equal for the same schedule."""
+    import hashlib
+
+    return hashlib.sha1(json.dumps(trace.as_json(), default=str).encode()).hexdigest()[:20]
 
 
 def workload_key(mod: tvm.IRModule) -> str:

@@ -69,6 +69,9 @@ class CompiledModel:
         #: batch buckets (``{batch: VM function}``) of a model compiled with ``max_batch``; empty
         #: for one static batch (see :mod:`.buckets`)
         self.entries = dict(sorted((int(b), n) for b, n in (entries or {}).items()))
+        #: where the tuned kernels' records came from (a database directory, dcgraph's shipped
+        #: records, ...); None when no records were applied
+        self.records: str | None = None
         self._vm: relax.VirtualMachine | None = None
         self._fns: dict[str, Any] = {}  # the VM's entry functions, looked up once
         self._dev = tvm.cuda(0) if target.kind.name == "cuda" else tvm.cpu(0)
@@ -90,7 +93,12 @@ class CompiledModel:
                 f"{tuned} tuned")
         if self.entries:
             line += f"; batch buckets {', '.join(map(str, self.entries))} (any batch size)"
-        if self.untuned:
+        if self.records and tuned:
+            line += f"; records: {self.records}"
+        if self.untuned and self.records:
+            line += (f"; {len(self.untuned)} Deep Control kernels on default schedules (no record, or the "
+                     "default won the tuning)")
+        elif self.untuned:
             line += f"; UNTUNED: {len(self.untuned)} Deep Control kernels on default schedules (dcgraph tune)"
         return line
 

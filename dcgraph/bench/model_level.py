@@ -145,22 +145,23 @@ class _Model:
         if kind == "unfused":
             with torch.no_grad():
                 program = torch.export.export(self.plain, (x,))
-            compiled = compiler.compile(program, self.target, x, convert=False, fuse_plain=False)
+            compiled = compiler.compile(program, self.target, x, convert=False, fuse_plain=False,
+                                        shipped=False)
         else:
             db = None
             if kind == "tuned":
                 if not tune_available():
                     raise H.NotYet("autotuning (dcgraph.backends.tvm.tuning) is not available here")
-                if not self.db:
-                    raise H.NotYet("no tuning database: pass --db DIR (written by dcgraph tune)")
-                db = self.db
+                db = self.db  # None: dcgraph's shipped records for this CPU family, if any
                 if self.tune_trials:
                     from dcgraph.backends.tvm.tuning import tune
 
                     tune(self.plain, self.target, x, trials=self.tune_trials, db=db, progress=False)
                     info["tune_s"] = round(time.perf_counter() - t0, 1)
             try:
-                compiled = compiler.compile(self.plain, self.target, x, database=db)
+                # untuned: the default schedules; tuned: --db, else dcgraph's shipped records
+                compiled = compiler.compile(self.plain, self.target, x, database=db,
+                                            shipped=kind == "tuned")
             except CompileError as e:
                 if "no tuning records" in str(e):
                     raise H.NotYet(str(e)) from None
@@ -168,7 +169,10 @@ class _Model:
         info["compile_s"] = round(time.perf_counter() - t0, 1)
         info["kernels"] = compiled.summary()
         if kind == "tuned" and not any(k.schedule == "tuned" for k in compiled.kernels):
-            raise H.NotYet(f"no tuned record for this model's kernels in {self.db} (dcgraph tune)")
+            where = self.db or "dcgraph's shipped records"
+            raise H.NotYet(f"no tuned record for this model's kernels in {where} (dcgraph tune)")
+        if kind == "tuned":
+            info["records"] = compiled.records
         import tvm
 
         fn = compiled.vm()["main"]

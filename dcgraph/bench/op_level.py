@@ -135,7 +135,8 @@ def _tvm_row(kind: str, s: OpShape, t: dict, st: Settings, info: dict):
 def _tvm_call_row(s: OpShape, t: dict, st: Settings):
     from dcgraph.backends.tvm import compiler
 
-    compiled = compiler.compile(tvm_module("fused", s, t), st.target, convert=False, fuse_plain=False)
+    compiled = compiler.compile(tvm_module("fused", s, t), st.target, convert=False, fuse_plain=False,
+                                shipped=False)
     return lambda x=t["x"]: compiled(x)
 
 

@@ -26,8 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                "TARGET: x86 (this CPU), arm (aarch64 + NEON, cross-compiled; --verify runs it "
                "under qemu), cuda (sm_90), cuda-sm80, a TVM target dict as JSON, a TVM tag, or "
                "'llvm -mcpu=...'.\n"
-               "Without a tuning database the kernels use dcgraph's default schedules (reported "
-               "as UNTUNED). Load the library with dcgraph.backends.tvm.load(OUTPUT).")
+               "Without --db, the tuning records dcgraph ships for the target's CPU family apply "
+               "where they match a kernel (the built-in zoo at 224 px, and whatever shares its "
+               "convolutions; --no-shipped leaves them out); other kernels use dcgraph's default "
+               "schedules (reported as UNTUNED). Load the library with dcgraph.backends.tvm.load(OUTPUT).")
     cp.add_argument("model", metavar="MODEL")
     cp.add_argument("--target", default="x86", help="x86 | arm | cuda | cuda-sm80 | JSON dict (default x86)")
     cp.add_argument("-o", "--output", type=output_file(".so"), metavar="OUTPUT",
@@ -51,6 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="take any batch size: compile batch buckets 1, 2, 4, ... up to N into the one "
                          "library (exact for models whose samples do not interact, which is checked)")
     cp.add_argument("--db", metavar="DIR", help="MetaSchedule database of tuned records to apply")
+    cp.add_argument("--no-shipped", action="store_true",
+                    help="without --db: do not apply dcgraph's shipped tuning records either")
     cp.add_argument("--no-convert", action="store_true", help="compile as is (no norm conversion)")
     cp.add_argument("--verify", action="store_true",
                     help="for arm: run the compiled model on the emulated ARM RPC server and compare")
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
     compiled = compiler.compile(model, target, example, plan=args.plan, layout=args.layout,
                                 convert=not args.no_convert, database=args.db, max_batch=args.max_batch,
-                                progress=progress, winograd=not args.no_winograd)
+                                progress=progress, winograd=not args.no_winograd, shipped=not args.no_shipped)
     progress("compiled")
     print(compiled.summary())
     runner, server = None, None

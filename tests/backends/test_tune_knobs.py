@@ -204,3 +204,67 @@ def test_a_time_budget_stops_the_run_and_says_so(tmp_path):
     assert report.minutes == 0.02
     assert report.seconds < 60
     assert any("time ran out" in t.note for t in report.tasks), report.table()
+
+
+# ------------------------------------------------------------------ records shipped with dcgraph
+
+def test_record_families_follow_the_vector_unit():
+    from dcgraph.backends.tvm.shipped import family
+
+    assert family(AVX512) == "x86_64-avx512"
+    assert family(AVX2) == "x86_64-avx2"
+    assert family("arm") == "aarch64-neon"
+    assert family({"kind": "cuda", "arch": "sm_90"}) is None
+
+
+def test_compile_applies_shipped_records_and_says_so(knob_db, tmp_path, monkeypatch):
+    from dcgraph.backends.tvm import shipped
+    from dcgraph.backends.tvm.database import DB_FILES, fingerprint, open_database
+    from dcgraph.backends.tvm.tuning.records import is_search
+
+    db, _, name = knob_db
+    fam = shipped.family(HOST)
+    ship = tmp_path / "records" / fam
+    ship.mkdir(parents=True)
+    for f in DB_FILES:
+        (ship / f).write_bytes((database_dir(db, HOST) / f).read_bytes())
+    task = next(t for t in tasks_for(HOST) if t.name == name)
+    search = [r for r in open_database(db, HOST).get_all_tuning_records() if is_search(r)]
+    (ship / CHOICES).write_text(json.dumps({workload_key(task.mod): {
+        "task": name, "choice": "tuned", "trace": fingerprint(search[0].trace)}}))
+    (ship / "SOURCE.json").write_text(json.dumps({"cpu": "a test CPU", "date": "2026-12-07"}))
+    monkeypatch.setattr(shipped, "RECORDS", tmp_path / "records")
+    m, x = model(), example()
+    with torch.no_grad():
+        want = m(x)
+    compiled = tvm_compile(m, HOST, x)
+    assert {k.name: k.schedule for k in compiled.kernels}[name] == "tuned"
+    assert f"shipped {fam} records (tuned on a test CPU, 2026-12-07)" in compiled.summary()
+    assert relative_error(compiled(x), want) < 1e-4
+    plain = tvm_compile(m, HOST, x, shipped=False)
+    assert {k.name: k.schedule for k in plain.kernels}[name] == "default"
+    assert "records" not in plain.summary()
+
+
+def test_the_shipped_records_are_whole_and_replay():
+    """Every family dcgraph ships: its files are there and each confirmed choice names a record
+    whose trace replays onto its kernel."""
+    from dcgraph.backends.tvm import shipped
+    from dcgraph.backends.tvm.database import DB_FILES, applied_database, fingerprint, open_database
+
+    families = [p for p in shipped.RECORDS.iterdir() if p.is_dir()] if shipped.RECORDS.is_dir() else []
+    for directory in families:
+        for f in (*DB_FILES, CHOICES, "SOURCE.json"):
+            assert (directory / f).is_file(), (directory, f)
+        source = json.loads((directory / "SOURCE.json").read_text())
+        assert source["family"] == directory.name and source["cpu"]
+        database = open_database(directory, HOST)
+        records = database.get_all_tuning_records()
+        prints = {fingerprint(r.trace) for r in records}
+        tuned = [e for e in read_choices(directory).values() if e["choice"] == "tuned"]
+        assert all(e["trace"] in prints for e in tuned), directory
+        chosen = applied_database(directory, HOST).get_all_tuning_records()
+        assert len(chosen) == len(tuned)
+        for rec in chosen:
+            sch = Schedule(rec.workload.mod)
+            rec.trace.apply_to_schedule(sch, remove_postproc=False)

@@ -106,6 +106,9 @@ def confirm(task: Any, workload: Any, database: Any, tools: Any, directory: Path
         if fp not in taken:
             taken.add(fp)
             challengers.append(rec)
+    raced = set(entry.get("raced", []))
+    if challengers and all(fingerprint(r.trace) in raced for r in challengers):  # nothing new since
+        return Choice(entry.get("choice", "default"), entry.get("chosen_ms"), entry.get("default_ms"))
     if not challengers:
         kept = "tuned" if current is not None else "default"
         if not entry:
@@ -127,7 +130,8 @@ def confirm(task: Any, workload: Any, database: Any, tools: Any, directory: Path
     if default_ms is None:  # the incumbent was a tuned record: the default's confirmed time stays
         default_ms = entry.get("default_ms")
     new = {"task": task.name, "choice": "tuned" if best is not None else "default",
-           "chosen_ms": best_ms, "default_ms": default_ms, "rounds": ROUNDS, "margin": MARGIN}
+           "chosen_ms": best_ms, "default_ms": default_ms, "rounds": ROUNDS, "margin": MARGIN,
+           "raced": sorted(raced | {fingerprint(r.trace) for r in challengers})}
     if best is not None:
         new["trace"] = fingerprint(best.trace)
     write_choice(directory, key, new)
