@@ -66,6 +66,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                          "same layout")
     tu.add_argument("--no-winograd", action="store_true",
                     help="tune the direct kernels of 3x3 stride-1 convs, as for compile --no-winograd")
+    tu.add_argument("--search", choices=["auto", "knobs"], default="auto",
+                    help="auto (default): each kernel's knob space where its default schedule has one, "
+                         "MetaSchedule's search for the others; knobs: only the kernels with knobs")
     tu.add_argument("--cost-model", choices=["auto", "xgb", "random"], default="auto",
                     help="MetaSchedule cost model (default auto: xgb if installed, else random)")
     tu.add_argument("--no-convert", action="store_true", help="tune as is (no norm conversion)")
@@ -114,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
                       rpc=args.rpc, key=args.key,
                       cost_model=args.cost_model, progress=not args.no_progress and sys.stderr.isatty(),
                       convert=not args.no_convert, plan=args.plan, layout=args.layout,
-                      winograd=not args.no_winograd, min_trials=args.min_trials,
+                      winograd=not args.no_winograd, min_trials=args.min_trials, search=args.search,
                       kernels=args.kernels.split(",") if args.kernels else None)
     except TuneError as e:
         if e.report is not None:

@@ -69,7 +69,7 @@ def tune(
     progress: bool = True, convert: bool = True, plan: str = "auto", fuse_plain: bool = True,
     shape: dict | None = None, min_trials: int = MIN_TRIALS, skip_share: float = SKIP_SHARE,
     kernels: Sequence[str] | None = None, timeout: float | None = None, layout: str = "auto",
-    winograd: bool = True,
+    winograd: bool = True, search: str = "auto",
 ) -> TuneReport:
     """Tune ``model``'s kernels for ``target``, ``trials`` trials in all and/or ``minutes`` of
     wall time; records in ``db/<target key>/``.
@@ -85,12 +85,16 @@ def tune(
     ``cost_model``: ``auto`` (XGBoost if installed, else random), ``xgb`` or ``random``.
     ``kernels``: tune only the tasks of these names (the table of a first run lists them); the
     budget then goes to them alone. ``min_trials``/``skip_share``: see :mod:`.tasks`.
-    ``timeout``: seconds per measurement (default 60 here, 300 over RPC).
+    ``timeout``: seconds per measurement (default 60 here, 300 over RPC). ``search``: ``auto``
+    (the knob space of a kernel whose default rule has one, MetaSchedule's search for the others)
+    or ``knobs`` (only the kernels with a knob space; the others keep their default schedules).
 
     Returns a :class:`TuneReport` (``interrupted=True`` after Ctrl-C: the records measured so far
     are kept). Raises :class:`TuneError` when no device answers; its ``report`` is the partial one.
     """
     t0 = time.monotonic()
+    if search not in ("auto", "knobs"):
+        raise TuneError(f"search must be 'auto' or 'knobs', got {search!r}")
     if trials is None and minutes is None:
         raise TuneError("give a budget: trials=N (per model) and/or minutes=M")
     if minutes is not None and not minutes > 0:
@@ -115,7 +119,7 @@ def tune(
 
     report = TuneReport(targets_.describe(tgt), str(directory), model_note, device,
                         trials if trials is not None else 0, minutes)
-    jobs = _plan(tasks, kernels, skip_share, trials, min_trials, database, report, tuning_tgt)
+    jobs = _plan(tasks, kernels, skip_share, trials, min_trials, database, report, tuning_tgt, search)
     tools = Tools(tgt, tuning_tgt, (*rpc_addr, key) if rpc_addr else None, workers,
                   timeout or (300.0 if rpc else 60.0), model_name)
     deadline = t0 + minutes * 60 if minutes is not None else None
@@ -174,10 +178,14 @@ def _budgets(eligible: list[Task], sizes: list[int], trials: int | None, min_tri
 
 
 def _plan(tasks: list[Task], kernels: Sequence[str] | None, skip_share: float, trials: int | None,
-          min_trials: int, database: Any, report: TuneReport, target: tvm.target.Target) -> list[_Job]:
+          min_trials: int, database: Any, report: TuneReport, target: tvm.target.Target,
+          search: str = "auto") -> list[_Job]:
     """The tasks to tune with their budgets (the others go to ``report.skipped``)."""
     eligible, report.skipped = select(tasks, kernels, skip_share)
     sizes = [knob_search.space_size(t, target) for t in eligible]
+    if search == "knobs":
+        report.skipped += [(t.name, "no knobs") for t, n in zip(eligible, sizes, strict=True) if not n]
+        eligible, sizes = [t for t, n in zip(eligible, sizes, strict=True) if n], [n for n in sizes if n]
     jobs = []
     for task, budget, size in zip(eligible, _budgets(eligible, sizes, trials, min_trials), sizes,
                                   strict=True):
