@@ -63,6 +63,7 @@ CASES = [
     (["tune", "dcnet", "--trials", "4", "--min-trials", "0", "--db", "OUT/db"], "positive integer"),
     (["tune", "dcnet"], "give a budget: --trials N, --minutes M"),
     (["tune", "dcnet", "--minutes", "0", "--db", "OUT/db"], "must be > 0"),
+    (["tune", "dcnet", "--trials", "4", "--search", "all", "--db", "OUT/db"], "invalid choice: 'all'"),
     (["tune", "dcnet", "--minutes", "soon", "--db", "OUT/db"], "expected a number of minutes"),
     (["tune", "nosuch", "--trials", "4", "--db", "OUT/db"], "unknown model 'nosuch'"),
     (["tune", "dcnet", "--trials", "4", "--target", "nosuch", "--db", "OUT/db"], "nosuch"),

@@ -104,7 +104,7 @@ def compile(
     say(f"building {len(kernels)} kernels for {targets_.describe(tgt)}")
     ex = tvm.compile(mod, target=tgt, relax_pipeline=lower_pipeline(tgt))
     compiled = CompiledModel(ex, tgt, inputs, kernels, entries=entries)
-    compiled.records = records
+    compiled.records = records if any(k.schedule == "tuned" for k in kernels) else None
     if sizes and targets_.runs_here(tgt):
         say("checking that the buckets agree sample for sample")
 
