@@ -1,0 +1,272 @@
+"""ARM cost without a board: the instructions a call executes on emulated aarch64, by class.
+
+Wall time under qemu means nothing; what the emulated CPU *executes* is exact and reproducible.
+:func:`count` runs TVM libraries and ONNX models in the emulated arm64 Python (:mod:`.arm_root`)
+under Debian's dynamic ``qemu-aarch64`` with dcgraph's TCG plugin (``count_plugin.c``, built
+here with gcc): every executed instruction is counted, classified once per translation block
+from its encoding:
+
+- ``fma``: vector FMLA/FMLS (by vector or by element), ``fma_lanes`` their multiply-adds
+  (4 per 128-bit fp32 FMLA): the useful work of a conv;
+- ``vector``: other Advanced SIMD vector instructions (moves, adds, max, dup, shuffles);
+- ``ldst``: loads and stores (scalar and vector); ``branch``: branches and system instructions;
+- ``scalar_fp``: scalar floating point; ``scalar_int``: everything else (address arithmetic).
+
+The guest marks each item's timed calls with a system call nobody makes (``count_guest.py``),
+so one emulated process counts many items; the counts are per call (the mean of ``calls``
+calls after ``warmup`` ones), on one thread (the plugin's counters are not atomic), with a
+fixed environment: the same call counted twice gives the same figure.
+
+What this measures and what it does not: the instruction mix and count (``per_mac``: the
+fp32 NEON ideal is 0.25 instructions per multiply-add, one 4-lane FMA per 4 MACs), not time:
+no cache misses, memory bandwidth, issue width or latency chains. A kernel that trades
+instructions for memory traffic looks better here than it runs.
+
+The peer runs the same way: ONNX Runtime's aarch64 wheel (MLAS NEON kernels) in the same
+Python. Its newest wheel that loads under qemu 7.2 is :data:`ORT_VERSION` (1.28-1.32 crash at
+import with SIGSEGV in their static initialisers, with every ``QEMU_CPU`` tried).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import EmulationUnavailable
+from .arm_root import ArmRoot, _locked, _oneline, ensure_arm_root
+
+__all__ = ["CLASSES", "ORT_VERSION", "Counter", "Counts", "Item", "count", "ensure_counter"]
+
+#: the dynamic qemu-user (Debian ``qemu-user``): the static build the RPC server uses takes no plugins
+QEMU_DYNAMIC = "qemu-aarch64"
+QEMU_PACKAGE = "qemu-user"
+#: the newest onnxruntime aarch64 wheel that imports under qemu 7.2
+ORT_VERSION = "1.27.0"
+PLUGIN_SOURCE = Path(__file__).with_name("count_plugin.c")
+GUEST_SCRIPT = Path(__file__).with_name("count_guest.py")
+CLASSES = ("total", "fma", "fma_lanes", "vector", "ldst", "branch", "scalar_fp", "scalar_int")
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Executed instructions of one call, by class (see the module doc)."""
+
+    total: float
+    fma: float
+    fma_lanes: float
+    vector: float
+    ldst: float
+    branch: float
+    scalar_fp: float
+    scalar_int: float
+
+    @property
+    def fma_share(self) -> float:
+        """The share of executed instructions that are vector FMAs."""
+        return self.fma / self.total if self.total else 0.0
+
+    def per_mac(self, macs: float) -> float:
+        """Instructions per multiply-add of the layer (fp32 NEON ideal: 0.25)."""
+        return self.total / macs
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One thing to count: ``kind`` ``tvm`` (a Relax VM library exported for aarch64, called at
+    ``entry``) or ``ort`` (an ONNX model, ``path`` a file), with its input arrays."""
+
+    name: str
+    kind: str
+    path: str
+    inputs: Sequence[np.ndarray]
+    entry: str = "main"
+
+
+@dataclass(frozen=True)
+class Counter:
+    """What counting needs: the arm64 root, the dynamic qemu, the built plugin, ONNX Runtime."""
+
+    arm_root: ArmRoot
+    qemu: Path
+    plugin: Path
+    ort_site: Path
+
+    def env(self, out: Path) -> dict[str, str]:
+        """A fixed environment (counts shift slightly with the environment's size)."""
+        root = self.arm_root.root
+        return {
+            "PATH": "/usr/bin:/bin", "HOME": str(root), "LANG": "C", "PYTHONHASHSEED": "0",
+            "QEMU_LD_PREFIX": str(root), "QEMU_CPU": "cortex-a72",
+            "QEMU_PLUGIN": f"file={self.plugin},out={out}",
+            "PYTHONPATH": f"{root / 'lib-dcgraph'}:{root / 'site-packages'}:{self.ort_site}",
+            "PYTHONNOUSERSITE": "1", "TVM_USE_RUNTIME_LIB": "1", "DCGRAPH_ARM_PYTHON": str(self.arm_root.python),
+            "TVM_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+        }
+
+    def command(self, *args: str) -> list[str]:
+        return [str(self.qemu), str(self.arm_root.root / "usr" / "bin" / "python3.11"), *args]
+
+
+def _install_qemu(say: Progress) -> Path:
+    found = shutil.which(QEMU_DYNAMIC)
+    if found:
+        return Path(found)
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        raise EmulationUnavailable(f"{QEMU_DYNAMIC} (Debian package {QEMU_PACKAGE}) is missing: "
+                                   f"apt-get install {QEMU_PACKAGE} (as root)")
+    say(f"host: apt-get install {QEMU_PACKAGE} (qemu-user with plugin support)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", QEMU_PACKAGE]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if res.returncode != 0:
+        subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=900)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    found = shutil.which(QEMU_DYNAMIC)
+    if res.returncode != 0 or not found:
+        raise EmulationUnavailable(f"apt-get install {QEMU_PACKAGE} failed: {_oneline(res.stderr or res.stdout)}")
+    return Path(found)
+
+
+def _build_plugin(dest: Path, say: Progress) -> Path:
+    source = PLUGIN_SOURCE.read_bytes()
+    lib = dest / f"libdcgraph_count-{hashlib.sha1(source).hexdigest()[:12]}.so"
+    if lib.exists():
+        return lib
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise EmulationUnavailable("no host C compiler (gcc) to build the counting plugin")
+    say(f"host: building the counting plugin ({lib.name})")
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = lib.with_suffix(f".tmp{os.getpid()}")
+    res = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(PLUGIN_SOURCE)],
+                         capture_output=True, text=True, timeout=120)
+    if res.returncode != 0:
+        raise EmulationUnavailable(f"the counting plugin does not build: {_oneline(res.stderr)}")
+    tmp.rename(lib)
+    return lib
+
+
+def _install_ort(dest: Path, say: Progress) -> Path:
+    site = dest / f"onnxruntime-{ORT_VERSION}"
+    if (site / "onnxruntime" / "__init__.py").exists():
+        return site
+    say(f"arm64: pip install onnxruntime=={ORT_VERSION} (manylinux aarch64 wheel)")
+    tmp = Path(tempfile.mkdtemp(prefix=".ort-", dir=dest))
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--no-deps",
+           "--progress-bar", "off", "--target", str(tmp), "--only-binary=:all:", "--python-version", "3.11",
+           "--implementation", "cp", "--platform", "manylinux_2_28_aarch64",
+           "--platform", "manylinux_2_27_aarch64", f"onnxruntime=={ORT_VERSION}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PIP_USER": "0"}, timeout=900)
+    if res.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EmulationUnavailable(f"pip could not fetch onnxruntime=={ORT_VERSION} for aarch64: "
+                                   f"{_oneline(res.stderr, 2)}")
+    tmp.rename(site)
+    return site
+
+
+def ensure_counter(arm_root: ArmRoot | None = None, progress: Progress | None = None) -> Counter:
+    """The counting set-up (idempotent, < 1 s when ready): the arm64 root (:func:`ensure_arm_root`),
+    Debian's ``qemu-user`` (apt, once), the plugin (built with gcc, cached by its source's hash)
+    and ONNX Runtime's aarch64 wheel, both in the root's ``lib-dcgraph/count``. Raises
+    :class:`EmulationUnavailable` where that is impossible here."""
+    say: Progress = progress or (lambda _m: None)
+    arm_root = arm_root or ensure_arm_root(progress=say)
+    dest = arm_root.root / "lib-dcgraph" / "count"
+    dest.mkdir(parents=True, exist_ok=True)
+    with _locked(dest / ".lock"):
+        qemu = _install_qemu(say)
+        plugin = _build_plugin(dest, say)
+        ort_site = _install_ort(dest, say)
+    return Counter(arm_root, qemu, plugin, ort_site)
+
+
+def _parse(text: str) -> dict[str, list[int]]:
+    marks = {}
+    for line in text.splitlines():
+        label, *values = line.split()
+        marks[label] = [int(v) for v in values]
+    return marks
+
+
+def count(items: Sequence[Item], counter: Counter | None = None, *, calls: int = 2, warmup: int = 1,
+          timeout: float = 1800) -> dict[str, Counts]:
+    """Executed instructions per call of each item, by class (one emulated process for all).
+
+    ``calls``: calls counted per item (the figure is their mean; a deterministic call gives the
+    same count each time), after ``warmup`` calls that are not (first-call set-up: allocation,
+    ONNX Runtime's kernel selection). Raises ``RuntimeError`` with the guest's last lines if
+    an item fails to load or run."""
+    if calls < 1:
+        raise ValueError(f"calls must be >= 1, got {calls}")
+    counter = counter or ensure_counter()
+    names = [it.name for it in items]
+    if len(set(names)) != len(names):
+        raise ValueError(f"item names must be unique: {names}")
+    with tempfile.TemporaryDirectory(prefix="dcgraph-count-") as tmp_:
+        tmp = Path(tmp_)
+        spec_items = []
+        for i, it in enumerate(items):
+            if it.kind not in ("tvm", "ort"):
+                raise ValueError(f"item {it.name!r}: kind must be 'tvm' or 'ort', got {it.kind!r}")
+            paths = []
+            for j, a in enumerate(it.inputs):
+                np.save(tmp / f"in{i}_{j}.npy", np.ascontiguousarray(a))
+                paths.append(str(tmp / f"in{i}_{j}.npy"))
+            spec_items.append({"name": it.name, "kind": it.kind, "path": str(Path(it.path).absolute()),
+                               "inputs": paths, "entry": it.entry})
+        spec = tmp / "spec.json"
+        spec.write_text(json.dumps({"items": spec_items, "calls": calls, "warmup": warmup}))
+        out = tmp / "counts.txt"
+        res = subprocess.run(counter.command(str(GUEST_SCRIPT), str(spec)), capture_output=True, text=True,
+                             env=counter.env(out), cwd=tmp, timeout=timeout)
+        marks = _parse(out.read_text()) if out.exists() else {}
+        if res.returncode != 0 or '"done"' not in res.stdout:
+            raise RuntimeError(f"counting on emulated aarch64 failed (rc {res.returncode}): "
+                               f"{_oneline(res.stderr or res.stdout, 4)}")
+    result = {}
+    for i, it in enumerate(items):
+        start, end = marks.get(str(2 * i)), marks.get(str(2 * i + 1))
+        if start is None or end is None:
+            raise RuntimeError(f"no count marks for item {it.name!r} (the plugin wrote {sorted(marks)})")
+        result[it.name] = Counts(*((e - s) / calls for s, e in zip(start, end, strict=True)))
+    return result
+
+
+def count_objects(objects: dict[str, Any], inputs: Sequence[np.ndarray], counter: Counter | None = None,
+                  **kw: Any) -> dict[str, Counts]:
+    """:func:`count` for objects in memory: each value is a TVM Relax executable built for
+    aarch64 (exported here with the cross gcc) or an ``onnx.ModelProto``; all take ``inputs``."""
+    from .arm_server import cross_compiler
+
+    with tempfile.TemporaryDirectory(prefix="dcgraph-count-lib-") as tmp_:
+        items = []
+        for i, (name, obj) in enumerate(objects.items()):
+            if hasattr(obj, "export_library"):
+                path = Path(tmp_) / f"lib{i}.so"
+                obj.export_library(str(path), fcompile=cross_compiler())
+                items.append(Item(name, "tvm", str(path), inputs))
+            elif hasattr(obj, "SerializeToString"):
+                path = Path(tmp_) / f"model{i}.onnx"
+                path.write_bytes(obj.SerializeToString())
+                items.append(Item(name, "ort", str(path), inputs))
+            else:
+                raise TypeError(f"{name!r}: expected a TVM executable or an onnx.ModelProto, "
+                                f"got {type(obj).__name__}")
+        return count(items, counter, **kw)

@@ -1,0 +1,73 @@
+"""Run inside the emulated aarch64 Python by :mod:`.arm_count` (not imported on the host).
+
+``python count_guest.py SPEC.json``: for each item of the spec, load it (a TVM Relax VM library
+or an ONNX model for ONNX Runtime), call it ``warmup`` times, then mark the start, call it
+``calls`` times and mark the end. A mark is a system call no program makes,
+``lseek(-1, 0xDC0 << 32 | label, SEEK_SET)`` (it fails with EBADF); qemu's dcgraph counter plugin
+writes its cumulative instruction counts at each one. Item ``i`` is marked ``2i`` and ``2i + 1``.
+Prints one JSON line: the item names and output shapes (so the host knows every call ran).
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def mark(label: int) -> None:
+    try:
+        os.lseek(-1, (0xDC0 << 32) | label, 0)
+    except OSError:
+        pass
+
+
+def _tvm(item: dict, arrays: list):
+    import tvm
+
+    dev = tvm.cpu()
+    # what relax.VirtualMachine does, with TVM's runtime library alone (tvm.relax needs the compiler)
+    vm = tvm.runtime.load_module(item["path"])["vm_load_executable"]()
+    vm["vm_initialization"](dev.dlpack_device_type(), dev.index, 2)  # 2: the pooled allocator
+    fn = vm[item.get("entry", "main")]
+    args = [tvm.runtime.tensor(a, dev) for a in arrays]
+
+    def call():
+        out = fn(*args)
+        return out[0] if not hasattr(out, "shape") else out
+
+    return call, lambda out: list(out.shape)
+
+
+def _ort(item: dict, arrays: list):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(item["path"], so, providers=["CPUExecutionProvider"])
+    feed = {i.name: a for i, a in zip(sess.get_inputs(), arrays, strict=True)}
+    return (lambda: sess.run(None, feed)[0]), lambda out: list(out.shape)
+
+
+def main() -> None:
+    spec = json.load(open(sys.argv[1]))
+    done = []
+    for i, item in enumerate(spec["items"]):
+        arrays = [np.load(p) for p in item["inputs"]]
+        call, shape = (_tvm if item["kind"] == "tvm" else _ort)(item, arrays)
+        out = None
+        for _ in range(spec["warmup"]):
+            out = call()
+        mark(2 * i)
+        for _ in range(spec["calls"]):
+            out = call()
+        mark(2 * i + 1)
+        done.append({"name": item["name"], "shape": shape(out)})
+    print(json.dumps({"done": done}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
