@@ -1,4 +1,4 @@
-"""``dcgraph bench [op|model|train|gpu|all] [--quick] [--db DIR] [--out DIR]``
+"""``dcgraph bench [op|model|train|gpu|arm|all] [--quick] [--db DIR] [--out DIR]``
 (= ``python -m dcgraph.bench``)."""
 
 from __future__ import annotations
@@ -9,15 +9,17 @@ import time
 
 from dcgraph.argtypes import OneLineParser, non_negative, output_dir, positive
 
-LEVELS = ("op", "model", "train", "gpu", "all")
+LEVELS = ("op", "model", "train", "gpu", "arm", "all")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``dcgraph bench`` (shared with ``python -m dcgraph.bench``)."""
     p.add_argument("level", nargs="?", choices=LEVELS, default="all",
                    help="op: one conv + Deep Control block per shape; model: whole models; train: a "
-                        "training step; gpu: the op level on CUDA; all (default): op, model, train, "
-                        "and gpu where a GPU is present")
+                        "training step; gpu: the op level on CUDA; arm: the op and model levels on "
+                        "emulated aarch64, in executed instructions (qemu + a counting plugin, set up on "
+                        "first use; a few minutes); all (default): op, model, train, and gpu where a GPU "
+                        "is present")
     p.add_argument("--quick", action="store_true",
                    help="few shapes, batch 1, few repeats: a smoke test (CI); no timing assertions")
     p.add_argument("--db", type=output_dir, metavar="DIR",
@@ -102,6 +104,17 @@ def run(args: argparse.Namespace) -> int:
 
             data = model_level.run(args.quick, args.threads, args.repeats, args.db, batches=args.batch,
                                    command=cmd, tune_trials=args.tune, models=args.models)
+            failed += sum(r.get("status") == H.FAILED for c in data["cases"] for r in c["rows"].values())
+        elif level == "arm":
+            from dcgraph.backends.tvm.errors import EmulationUnavailable
+
+            from . import arm_level
+
+            try:
+                data = arm_level.run(args.quick, shapes=args.shapes, models=args.models, command=cmd)
+            except EmulationUnavailable as e:
+                print(f"dcgraph bench: error: ARM emulation unavailable: {e}", file=sys.stderr)
+                return 2
             failed += sum(r.get("status") == H.FAILED for c in data["cases"] for r in c["rows"].values())
         elif level == "train":
             from . import train_level

@@ -115,7 +115,8 @@ class Counter:
             "QEMU_LD_PREFIX": str(root), "QEMU_CPU": "cortex-a72",
             "QEMU_PLUGIN": f"file={self.plugin},out={out}",
             "PYTHONPATH": f"{root / 'lib-dcgraph'}:{root / 'site-packages'}:{self.ort_site}",
-            "PYTHONNOUSERSITE": "1", "TVM_USE_RUNTIME_LIB": "1", "DCGRAPH_ARM_PYTHON": str(self.arm_root.python),
+            "PYTHONNOUSERSITE": "1", "TVM_USE_RUNTIME_LIB": "1",
+            "DCGRAPH_ARM_PYTHON": str(self.arm_root.python),
             "TVM_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
         }
 
@@ -139,7 +140,8 @@ def _install_qemu(say: Progress) -> Path:
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     found = shutil.which(QEMU_DYNAMIC)
     if res.returncode != 0 or not found:
-        raise EmulationUnavailable(f"apt-get install {QEMU_PACKAGE} failed: {_oneline(res.stderr or res.stdout)}")
+        why = _oneline(res.stderr or res.stdout)
+        raise EmulationUnavailable(f"apt-get install {QEMU_PACKAGE} failed: {why}")
     return Path(found)
 
 
@@ -172,7 +174,8 @@ def _install_ort(dest: Path, say: Progress) -> Path:
            "--progress-bar", "off", "--target", str(tmp), "--only-binary=:all:", "--python-version", "3.11",
            "--implementation", "cp", "--platform", "manylinux_2_28_aarch64",
            "--platform", "manylinux_2_27_aarch64", f"onnxruntime=={ORT_VERSION}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PIP_USER": "0"}, timeout=900)
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PIP_USER": "0"},
+                         timeout=900)
     if res.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise EmulationUnavailable(f"pip could not fetch onnxruntime=={ORT_VERSION} for aarch64: "
@@ -205,14 +208,43 @@ def _parse(text: str) -> dict[str, list[int]]:
     return marks
 
 
+def _run_guest(counter: Counter, spec: Path, out: Path, cwd: Path, timeout: float,
+               progress: Callable[[int, str], None] | None) -> tuple[int, str, str]:
+    """Run the guest script; its stdout lines are read as they come (progress)."""
+    import threading
+
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(counter.command(str(GUEST_SCRIPT), str(spec)), stdout=subprocess.PIPE,
+                                stderr=err, text=True, env=counter.env(out), cwd=cwd)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        lines = []
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                if progress is not None and line.startswith('{"item"'):
+                    msg = json.loads(line)
+                    progress(msg["item"] + 1, msg["name"])
+            rc = proc.wait()
+        finally:
+            timer.cancel()
+            if proc.poll() is None:
+                proc.kill()
+        err.seek(0)
+        return rc, "".join(lines), err.read()
+
+
 def count(items: Sequence[Item], counter: Counter | None = None, *, calls: int = 2, warmup: int = 1,
-          timeout: float = 1800) -> dict[str, Counts]:
+          timeout: float = 3600, outputs: dict[str, np.ndarray] | None = None,
+          progress: Callable[[int, str], None] | None = None) -> dict[str, Counts]:
     """Executed instructions per call of each item, by class (one emulated process for all).
 
     ``calls``: calls counted per item (the figure is their mean; a deterministic call gives the
     same count each time), after ``warmup`` calls that are not (first-call set-up: allocation,
     ONNX Runtime's kernel selection). Raises ``RuntimeError`` with the guest's last lines if
-    an item fails to load or run."""
+    an item fails to load or run. ``outputs``: a dict to fill with each item's (first) output,
+    to check against the reference. ``progress``: called with (items done, name) as each ends."""
     if calls < 1:
         raise ValueError(f"calls must be >= 1, got {calls}")
     counter = counter or ensure_counter()
@@ -230,16 +262,19 @@ def count(items: Sequence[Item], counter: Counter | None = None, *, calls: int =
                 np.save(tmp / f"in{i}_{j}.npy", np.ascontiguousarray(a))
                 paths.append(str(tmp / f"in{i}_{j}.npy"))
             spec_items.append({"name": it.name, "kind": it.kind, "path": str(Path(it.path).absolute()),
-                               "inputs": paths, "entry": it.entry})
+                               "inputs": paths, "entry": it.entry,
+                               "save": str(tmp / f"out{i}.npy") if outputs is not None else None})
         spec = tmp / "spec.json"
         spec.write_text(json.dumps({"items": spec_items, "calls": calls, "warmup": warmup}))
         out = tmp / "counts.txt"
-        res = subprocess.run(counter.command(str(GUEST_SCRIPT), str(spec)), capture_output=True, text=True,
-                             env=counter.env(out), cwd=tmp, timeout=timeout)
+        rc, stdout, stderr = _run_guest(counter, spec, out, tmp, timeout, progress)
         marks = _parse(out.read_text()) if out.exists() else {}
-        if res.returncode != 0 or '"done"' not in res.stdout:
-            raise RuntimeError(f"counting on emulated aarch64 failed (rc {res.returncode}): "
-                               f"{_oneline(res.stderr or res.stdout, 4)}")
+        if rc != 0 or '"done"' not in stdout:
+            raise RuntimeError(f"counting on emulated aarch64 failed (rc {rc}): "
+                               f"{_oneline(stderr or stdout, 4)}")
+        if outputs is not None:
+            for i, it in enumerate(items):
+                outputs[it.name] = np.load(tmp / f"out{i}.npy")
     result = {}
     for i, it in enumerate(items):
         start, end = marks.get(str(2 * i)), marks.get(str(2 * i + 1))
