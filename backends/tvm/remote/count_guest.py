@@ -1,8 +1,9 @@
 """Run inside the emulated aarch64 Python by :mod:`.arm_count` (not imported on the host).
 
 ``python count_guest.py SPEC.json``: for each item of the spec, load it (a TVM Relax VM library
-or an ONNX model for ONNX Runtime), call it ``warmup`` times, then mark the start, call it
-``calls`` times and mark the end. A mark is a system call no program makes,
+or an ONNX model for ONNX Runtime), call it once (the output checked) and ``warmup`` more
+times, then mark the start, call it ``calls`` times (keeping no output) and mark the end; an
+empty region (``EMPTY``) gives what the marks themselves cost. A mark is a system call no program makes,
 ``lseek(-1, 0xDC0 << 32 | label, SEEK_SET)`` (it fails with EBADF); qemu's dcgraph counter plugin
 writes its cumulative instruction counts at each one. Item ``i`` is marked ``2i`` and ``2i + 1``.
 Prints a JSON line as each item is done (the host's progress) and one at the end with every
@@ -11,11 +12,14 @@ host to check against the reference.
 """
 
 import contextlib
+import gc
 import json
 import os
 import sys
 
 import numpy as np
+
+EMPTY = 1 << 20  #: the labels of the empty regions
 
 
 def mark(label: int) -> None:
@@ -57,19 +61,34 @@ def main() -> None:
     with open(sys.argv[1]) as fh:
         spec = json.load(fh)
     done = []
+    # the cost of a marked region itself (the mark calls around it, the OSError they raise):
+    # two empty regions, the host subtracts the second from every item's count
+    for label in (EMPTY, EMPTY + 2):
+        gc.collect()
+        gc.disable()
+        mark(label)
+        mark(label + 1)
+        gc.enable()
     for i, item in enumerate(spec["items"]):
         arrays = [np.load(p) for p in item["inputs"]]
         call, shape = (_tvm if item["kind"] == "tvm" else _ort)(item, arrays)
-        out = None
-        for _ in range(spec["warmup"]):
-            out = call()
-        mark(2 * i)
-        for _ in range(spec["calls"]):
-            out = call()
-        mark(2 * i + 1)
+        out = call()  # the first call: its output is the one checked; then the warm-up calls
         if item.get("save"):
             np.save(item["save"], out.numpy() if hasattr(out, "numpy") else np.asarray(out))
-        done.append({"name": item["name"], "shape": shape(out)})
+        shapes = shape(out)
+        del out
+        for _ in range(spec["warmup"]):
+            call()
+        # counted calls keep no output alive: each allocates and frees the same way (steady state);
+        # Python's cyclic collector, which runs after so many allocations, stays out of them
+        gc.collect()
+        gc.disable()
+        mark(2 * i)
+        for _ in range(spec["calls"]):
+            call()
+        mark(2 * i + 1)
+        gc.enable()
+        done.append({"name": item["name"], "shape": shapes})
         print(json.dumps({"item": i, "name": item["name"]}), flush=True)
     print(json.dumps({"done": done}), flush=True)
 

@@ -1,0 +1,173 @@
+"""The ARM cost measure (:mod:`dcgraph.backends.tvm.remote.arm_count`): the plugin's instruction
+classes against encodings from the cross assembler, and counts of real kernels under emulation:
+reproducible, per call, outputs equal to the reference, vector FMA lanes that match the direct
+conv's multiply-adds.
+
+Each emulated run starts an aarch64 Python under qemu with the plugin (~10-20 s)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from dcgraph import reference as R  # noqa: E402
+from dcgraph.backends.tvm.remote import arm_count as ac  # noqa: E402
+
+# (assembly, class, FMA lanes): the classes count_plugin.c gives each instruction
+ENCODINGS = [
+    ("fmla v0.4s, v1.4s, v2.4s", "fma", 4),
+    ("fmla v3.4s, v4.4s, v5.s[2]", "fma", 4),
+    ("fmls v0.2s, v1.2s, v2.2s", "fma", 2),
+    ("fmla v0.2d, v1.2d, v2.2d", "fma", 2),
+    ("fadd v0.4s, v1.4s, v2.4s", "vector", 0),
+    ("fmax v0.4s, v1.4s, v2.4s", "vector", 0),
+    ("dup v0.4s, v1.s[0]", "vector", 0),
+    ("fmadd s0, s1, s2, s3", "scalar_fp", 0),
+    ("fadd s0, s1, s2", "scalar_fp", 0),
+    ("ldr q0, [x0, #16]", "ldst", 0),
+    ("ld1 {v0.4s}, [x1], #16", "ldst", 0),
+    ("str s1, [x2]", "ldst", 0),
+    ("ldp x0, x1, [sp]", "ldst", 0),
+    ("b.ne .", "branch", 0),
+    ("ret", "branch", 0),
+    ("add x0, x0, #1", "scalar_int", 0),
+    ("madd x0, x1, x2, x3", "scalar_int", 0),
+]
+
+HARNESS = """
+#include "count_plugin.c"
+/* qemu's side of the plugin API, never called here */
+void qemu_plugin_register_vcpu_tb_trans_cb(qemu_plugin_id_t i, tb_trans_cb_t c) {}
+void qemu_plugin_register_vcpu_tb_exec_inline(struct qemu_plugin_tb *t, enum qemu_plugin_op o, void *p,
+                                              uint64_t n) {}
+size_t qemu_plugin_tb_n_insns(const struct qemu_plugin_tb *t) { return 0; }
+struct qemu_plugin_insn *qemu_plugin_tb_get_insn(const struct qemu_plugin_tb *t, size_t i) { return 0; }
+const void *qemu_plugin_insn_data(const struct qemu_plugin_insn *i) { return 0; }
+size_t qemu_plugin_insn_size(const struct qemu_plugin_insn *i) { return 0; }
+void qemu_plugin_register_vcpu_syscall_cb(qemu_plugin_id_t i, syscall_cb_t c) {}
+void qemu_plugin_register_atexit_cb(qemu_plugin_id_t i, udata_cb_t c, void *p) {}
+int main(int argc, char **argv) {
+  for (int i = 1; i < argc; i++) {
+    unsigned lanes; int k = classify((uint32_t)strtoul(argv[i], 0, 16), &lanes);
+    printf("%d %u\\n", k, lanes);
+  }
+  return 0;
+}
+"""
+
+
+def test_classes_of_assembled_instructions(tmp_path: Path) -> None:
+    gcc, objcopy = "aarch64-linux-gnu-gcc", "aarch64-linux-gnu-objcopy"
+    if not (shutil.which(gcc) and shutil.which(objcopy) and shutil.which("gcc")):
+        pytest.skip("the aarch64 cross binutils or gcc are missing (make arm-setup)")
+    src = tmp_path / "insns.s"
+    src.write_text("".join(f"  {asm}\n" for asm, _, _ in ENCODINGS))
+    subprocess.run([gcc, "-c", src, "-o", tmp_path / "insns.o"], check=True)
+    subprocess.run([objcopy, "-O", "binary", "-j", ".text", tmp_path / "insns.o", tmp_path / "insns.bin"],
+                   check=True)
+    words = np.frombuffer((tmp_path / "insns.bin").read_bytes(), dtype="<u4")
+    assert len(words) == len(ENCODINGS)
+    (tmp_path / "harness.c").write_text(HARNESS)
+    exe = tmp_path / "harness"
+    subprocess.run(["gcc", "-O1", f"-I{ac.PLUGIN_SOURCE.parent}", "-o", exe, tmp_path / "harness.c"],
+                   check=True)
+    out = subprocess.run([exe, *(f"{w:x}" for w in words)], capture_output=True, text=True, check=True).stdout
+    got = [(ac.CLASSES[int(k)], int(lanes)) for k, lanes in (ln.split() for ln in out.splitlines())]
+    assert got == [(cls, lanes) for _, cls, lanes in ENCODINGS]
+
+
+@pytest.fixture(scope="module")
+def counter() -> ac.Counter:
+    try:
+        return ac.ensure_counter()
+    except ac.EmulationUnavailable as exc:
+        pytest.skip(f"ARM instruction counting unavailable: {exc}")
+
+
+def _block(groups: int, tmp: Path) -> tuple[ac.Item, np.ndarray, float]:
+    """A direct 3x3 conv + Deep Control block (no Winograd: its MACs are the direct conv's),
+    exported for aarch64; its input, reference output and MACs."""
+    from dcgraph.backends.tvm.modules import block_module
+    from dcgraph.backends.tvm.pipeline import relax_pipeline
+    from dcgraph.backends.tvm.remote.arm_server import arm_target, cross_compiler
+
+    rng = np.random.default_rng(groups)
+    cin = cout = 32
+    x = rng.standard_normal((1, cin, 13, 13)).astype("float32")
+    consts = {"weight": (rng.standard_normal((cout, cin // groups, 3, 3)) * 0.2).astype("float32"),
+              "a": rng.random(cout).astype("float32"), "g": (0.5 + rng.random(cout)).astype("float32"),
+              "b": rng.standard_normal(cout).astype("float32")}
+    mod = block_module("fused", x.shape, consts["weight"].shape, act="relu", padding=1, groups=groups,
+                       consts=consts)
+    tgt = arm_target()
+    ex = tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt, winograd=False))
+    path = tmp / f"block_g{groups}.so"
+    ex.export_library(str(path), fcompile=cross_compiler())
+    import torch
+
+    t = {k: torch.from_numpy(v).double() for k, v in consts.items()}
+    want = R.conv_deep_control(torch.from_numpy(x).double(), t["weight"], None, t["a"], t["g"], t["b"], 1, 1,
+                               groups=groups, act="relu").numpy()
+    macs = cout * (cin // groups) * 9 * 13 * 13
+    return ac.Item(f"g{groups}", "tvm", str(path), [x]), want, macs
+
+
+def test_counts_are_reproducible_per_call_and_match_the_work(counter: ac.Counter, tmp_path: Path) -> None:
+    dense, want, macs = _block(1, tmp_path)
+    same = ac.Item("again", dense.kind, dense.path, dense.inputs)
+    outputs: dict[str, np.ndarray] = {}
+    three = ac.count([dense, same], counter, calls=3, outputs=outputs)
+    # the same items counted again in another process: the same figures, instruction for instruction
+    assert ac.count([dense, same], counter, calls=3, outputs={}) == three
+    # another position in the process, another number of calls: the kernel's work is exact, the
+    # call's Python and allocator share (a few thousand instructions) moves a little
+    one = ac.count([dense], counter, calls=1)["g1"]
+    for c in (three["again"], one):
+        assert c.fma == three["g1"].fma and c.fma_lanes == three["g1"].fma_lanes
+        assert c.total == pytest.approx(three["g1"].total, rel=5e-3)
+    got = outputs["g1"].astype(np.float64)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    c = three["g1"]
+    assert c.total == sum(getattr(c, k) for k in ac.CLASSES if k not in ("total", "fma_lanes"))
+    # a direct conv's multiply-adds run as 4-lane FMAs: at least every MAC, at most the padded tiles'
+    assert macs <= c.fma_lanes <= 1.6 * macs
+    assert c.fma_share >= 0.5, c
+
+
+def test_onnx_runtime_is_counted_the_same_way(counter: ac.Counter, tmp_path: Path) -> None:
+    import torch
+
+    from dcgraph.bench.onnx_graphs import onnx_model
+    from dcgraph.bench.shapes import OpShape
+
+    s = OpShape("t", "test", 32, 32, 13, 3, 1, 1, "relu")
+    t = s.tensors(1)
+    outputs: dict[str, np.ndarray] = {}
+    got = ac.count_objects({"conv": onnx_model("conv", s, t)}, [t["x"].numpy()], counter, outputs=outputs)
+    want = torch.nn.functional.conv2d(t["x"].double(), t["weight"].double(), padding=1).numpy()
+    assert np.abs(outputs["conv"] - want).max() <= 1e-4 * np.abs(want).max()
+    macs = s.flops(1) / 2
+    assert macs <= got["conv"].fma_lanes <= 2 * macs  # MLAS's NEON conv: FMAs for the MACs
+    assert got["conv"].fma_share >= 0.3
+
+
+def test_errors_are_clear(counter: ac.Counter, tmp_path: Path) -> None:
+    x = [np.zeros((1, 3), "float32")]
+    with pytest.raises(ValueError, match="kind must be"):
+        ac.count([ac.Item("a", "tflite", "m.tflite", x)], counter)
+    with pytest.raises(ValueError, match="unique"):
+        ac.count([ac.Item("a", "ort", "m.onnx", x), ac.Item("a", "ort", "m.onnx", x)], counter)
+    with pytest.raises(ValueError, match="calls"):
+        ac.count([ac.Item("a", "ort", "m.onnx", x)], counter, calls=0)
+    with pytest.raises(TypeError, match=r"TVM executable or an onnx\.ModelProto"):
+        ac.count_objects({"a": object()}, x, counter)
+    bad = tmp_path / "not_a_model.onnx"
+    bad.write_bytes(b"not onnx")
+    with pytest.raises(RuntimeError, match="counting on emulated aarch64 failed"):
+        ac.count([ac.Item("bad", "ort", str(bad), x)], counter)
