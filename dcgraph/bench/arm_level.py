@@ -100,6 +100,26 @@ def _op_objects(s: OpShape) -> tuple[dict[str, Any], dict[str, np.ndarray], np.n
     return objects, wants, t["x"].numpy(), s.flops(1) / 2
 
 
+def hot_loop(executable: Any) -> dict[str, Any] | None:
+    """llvm-mca's view of the hottest inner loop (most FMAs) of a TVM library built for aarch64
+    (:mod:`dcgraph.backends.tvm.remote.arm_mca`), or None where there is none or no llvm-mca."""
+    from dcgraph.backends.tvm.remote import arm_mca
+
+    if arm_mca.mca_tool() is None:
+        return None
+    asm = "\n".join(m.inspect_source("asm") for m in executable.mod.imports)
+    loop = arm_mca.hottest_loop(asm)
+    if loop is None:
+        return None
+    out: dict[str, Any] = {"fmas": loop.fmas, "instructions": len(loop.body)}
+    for core in arm_mca.CORES:
+        try:
+            out[core] = arm_mca.mca(loop, core)
+        except RuntimeError as e:
+            out[core] = {"error": str(e)}
+    return out
+
+
 def _model_objects(name: str, width: int, size: int) -> tuple[dict[str, Any], dict[str, np.ndarray],
                                                                np.ndarray, float]:
     from dcgraph import zoo
@@ -192,14 +212,19 @@ def markdown(data: dict) -> str:
              f"plugin; ONNX Runtime {data['machine']['onnxruntime_aarch64']} (aarch64 wheel); TVM target "
              f"`{data['machine']['tvm_target']}`. Counts are exact and reproducible (no timing). "
              "Per MAC: instructions per multiply-add of the direct conv (fp32 NEON ideal 0.25). "
-             "Not captured: cache misses, bandwidth, issue width, latency.", ""]
+             "Not captured: cache misses, bandwidth, issue width, latency. The hot loop column: "
+             "llvm-mca (LLVM 14) on the innermost loop with the most FMAs of dcgraph's block, "
+             "FMAs per cycle on its Cortex-A57 model (what LLVM 14 uses for A72 / A76 / Neoverse "
+             "N1; peak 1.0) and Cortex-A55 model (in order).", ""]
     for level, rows in (("op", OP_ROWS), ("model", MODEL_ROWS)):
         recs = [c for c in data["cases"] if c["level"] == level]
         if not recs:
             continue
         lines += [f"## {level} level (batch 1)", "",
                   "| case | MMAC | " + " | ".join(f"{v[0]}: M instr (per MAC, FMA)" for v in rows.values())
-                  + " | dcgraph / floor |", "|---|---:|" + "---:|" * len(rows) + "---:|"]
+                  + " | dcgraph / floor |" + (" dcgraph's hot loop: FMAs/iter, FMA/cycle (A57 / A55 model) |"
+                                               if level == "op" else ""),
+                  "|---|---:|" + "---:|" * len(rows) + "---:|" + ("---:|" if level == "op" else "")]
         for c in recs:
             cells = []
             for k in rows:
@@ -208,7 +233,13 @@ def markdown(data: dict) -> str:
                 cells.append(f"{r['instructions'] / 1e6:.1f} ({r['per_mac']:.3f}, {r['fma_share']:.0%}){bad}")
             vs = c["rows"]["tvm_fused"].get("vs_floor")
             ratio = f"{vs:.2f}x" if vs else "-"
-            lines.append(f"| {c['case']} | {c['macs'] / 1e6:.1f} | " + " | ".join(cells) + f" | {ratio} |")
+            hot = ""
+            if level == "op":
+                h = c["rows"]["tvm_fused"].get("hot_loop") or {}
+                per = [h.get(core, {}).get("fmas_per_cycle") for core in ("cortex-a57", "cortex-a55")]
+                hot = (f" {h['fmas']}, {per[0]:.2f} / {per[1]:.2f} |" if h and None not in per else " - |")
+            row = f"| {c['case']} | {c['macs'] / 1e6:.1f} | " + " | ".join(cells)
+            lines.append(f"{row} | {ratio} |{hot}")
         g = data["summary"].get(level)
         if g:
             peer = f"; dcgraph / best peer {g['dcgraph_vs_peer']:.2f}x" if "dcgraph_vs_peer" in g else ""
@@ -275,9 +306,11 @@ def run(quick: bool = False, shapes: list[str] | None = None, models: list[str] 
         built.append(("model", name, objects, wants, x, macs, MODEL_ROWS))
     counts, outputs = _count_all([(c[1], c[2], c[3], c[4], c[5]) for c in built], progress)
     cases = []
-    for level, case, _, wants, x, macs, row_names in built:
-        cases.append({"level": level, "case": case, "input": list(x.shape), "macs": macs,
-                      "rows": _rows(counts, outputs, case, wants, macs, row_names)})
+    for level, case, objects, wants, x, macs, row_names in built:
+        rows = _rows(counts, outputs, case, wants, macs, row_names)
+        if level == "op":  # the fused block's micro-kernel, statically (a second opinion)
+            rows["tvm_fused"]["hot_loop"] = hot_loop(objects["tvm_fused"])
+        cases.append({"level": level, "case": case, "input": list(x.shape), "macs": macs, "rows": rows})
     data = {"level": "arm", "quick": quick, "machine": _machine(), "command": command,
             "rows": {"op": OP_ROWS, "model": MODEL_ROWS}, "ideal_per_mac": IDEAL_PER_MAC,
             "cases": cases, "summary": _summary(cases), "seconds": round(time.perf_counter() - t0, 1)}

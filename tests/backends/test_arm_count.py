@@ -159,7 +159,7 @@ def test_onnx_runtime_is_counted_the_same_way(counter: ac.Counter, tmp_path: Pat
 
 def test_errors_are_clear(counter: ac.Counter, tmp_path: Path) -> None:
     x = [np.zeros((1, 3), "float32")]
-    with pytest.raises(ValueError, match="kind must be"):
+    with pytest.raises(ValueError, match="kind must be one of"):
         ac.count([ac.Item("a", "tflite", "m.tflite", x)], counter)
     with pytest.raises(ValueError, match="unique"):
         ac.count([ac.Item("a", "ort", "m.onnx", x), ac.Item("a", "ort", "m.onnx", x)], counter)

@@ -58,6 +58,7 @@ QEMU_PACKAGE = "qemu-user"
 ORT_VERSION = "1.27.0"
 PLUGIN_SOURCE = Path(__file__).with_name("count_plugin.c")
 GUEST_SCRIPT = Path(__file__).with_name("count_guest.py")
+KINDS = ("tvm", "tvm_func", "ort")
 CLASSES = ("total", "fma", "fma_lanes", "vector", "ldst", "branch", "scalar_fp", "scalar_int")
 
 Progress = Callable[[str], None]
@@ -94,7 +95,8 @@ class Counts:
 @dataclass(frozen=True)
 class Item:
     """One thing to count: ``kind`` ``tvm`` (a Relax VM library exported for aarch64, called at
-    ``entry``) or ``ort`` (an ONNX model, ``path`` a file), with its input arrays."""
+    ``entry``), ``tvm_func`` (a library of kernels: ``entry`` called with ``inputs``, every buffer
+    of the kernel, its output last) or ``ort`` (an ONNX model, ``path`` a file), with its inputs."""
 
     name: str
     kind: str
@@ -260,8 +262,8 @@ def count(items: Sequence[Item], counter: Counter | None = None, *, calls: int =
         tmp = Path(tmp_)
         spec_items = []
         for i, it in enumerate(items):
-            if it.kind not in ("tvm", "ort"):
-                raise ValueError(f"item {it.name!r}: kind must be 'tvm' or 'ort', got {it.kind!r}")
+            if it.kind not in KINDS:
+                raise ValueError(f"item {it.name!r}: kind must be one of {', '.join(KINDS)}, got {it.kind!r}")
             paths = []
             for j, a in enumerate(it.inputs):
                 np.save(tmp / f"in{i}_{j}.npy", np.ascontiguousarray(a))
@@ -316,3 +318,26 @@ def count_objects(objects: dict[str, Any], inputs: Sequence[np.ndarray], counter
                 raise TypeError(f"{name!r}: expected a TVM executable or an onnx.ModelProto, "
                                 f"got {type(obj).__name__}")
         return count(items, counter, **kw)
+
+
+def kernel_items(mod: Any, target: Any, directory: str | os.PathLike, prefix: str = "") -> list[Item]:
+    """One ``tvm_func`` item per kernel (PrimFunc) of a scheduled Relax module (``pipeline.optimize``):
+    each built alone for ``target`` (aarch64), exported into ``directory`` and fed fixed
+    pseudo-random buffers: where a block's or a model's instructions go."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from ..tuning.measure import fixed_inputs
+    from .arm_server import cross_compiler
+
+    items = []
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        name = gv.name_hint
+        lib = tvm.compile(tvm.IRModule({name: func.with_attr("global_symbol", name)}), target=target)
+        path = Path(directory) / f"{prefix}{name}.so"
+        lib.export_library(str(path), fcompile=cross_compiler())
+        info = [a.as_json() for a in ms.arg_info.ArgInfo.from_prim_func(func)]
+        items.append(Item(f"{prefix}{name}", "tvm_func", str(path), fixed_inputs(info), entry=name))
+    return items

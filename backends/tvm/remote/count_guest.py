@@ -1,13 +1,14 @@
 """Run inside the emulated aarch64 Python by :mod:`.arm_count` (not imported on the host).
 
-``python count_guest.py SPEC.json``: for each item of the spec, load it (a TVM Relax VM library
-or an ONNX model for ONNX Runtime), call it once (the output checked) and ``warmup`` more
-times, then mark the start, call it ``calls`` times (keeping no output) and mark the end; an
-empty region (``EMPTY``) gives what the marks themselves cost. A mark is a system call no program makes,
+``python count_guest.py SPEC.json``: for each item of the spec, load it (a TVM Relax VM
+library, a library of one kernel called with all its buffers, or an ONNX model for ONNX
+Runtime), call it once (its output is the one checked) and ``warmup`` more times, then mark the
+start, call it ``calls`` times (keeping no output) and mark the end; an empty region
+(``EMPTY``) gives what the marks themselves cost. A mark is a system call no program makes,
 ``lseek(-1, 0xDC0 << 32 | label, SEEK_SET)`` (it fails with EBADF); qemu's dcgraph counter plugin
 writes its cumulative instruction counts at each one. Item ``i`` is marked ``2i`` and ``2i + 1``.
 Prints a JSON line as each item is done (the host's progress) and one at the end with every
-item's output shape; an item with ``save`` writes its last output there (``.npy``), for the
+item's output shape; an item with ``save`` writes its first output there (``.npy``), for the
 host to check against the reference.
 """
 
@@ -44,6 +45,20 @@ def _tvm(item: dict, arrays: list):
     return call, lambda out: list(out.shape)
 
 
+def _tvm_func(item: dict, arrays: list):
+    import tvm
+
+    dev = tvm.cpu()
+    fn = tvm.runtime.load_module(item["path"])[item.get("entry", "main")]
+    args = [tvm.runtime.tensor(a, dev) for a in arrays]  # a kernel's buffers, outputs included
+
+    def call():
+        fn(*args)
+        return args[-1]
+
+    return call, lambda out: list(out.shape)
+
+
 def _ort(item: dict, arrays: list):
     import onnxruntime as ort
 
@@ -71,7 +86,7 @@ def main() -> None:
         gc.enable()
     for i, item in enumerate(spec["items"]):
         arrays = [np.load(p) for p in item["inputs"]]
-        call, shape = (_tvm if item["kind"] == "tvm" else _ort)(item, arrays)
+        call, shape = {"tvm": _tvm, "tvm_func": _tvm_func, "ort": _ort}[item["kind"]](item, arrays)
         out = call()  # the first call: its output is the one checked; then the warm-up calls
         if item.get("save"):
             np.save(item["save"], out.numpy() if hasattr(out, "numpy") else np.asarray(out))

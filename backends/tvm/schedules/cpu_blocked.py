@@ -80,7 +80,10 @@ def schedule_blocked_conv(sch: Schedule, lanes: int = 16, knobs: Knobs = DEFAULT
 
     Knobs (:mod:`.knobs`): ``oc_tile`` (channel blocks per tile: 1, 2, 4), ``reg_n`` (output
     columns per tile: divisors of the row), the tile under :func:`tile_cap` accumulators;
-    ``unroll_kw`` (1: the kernel's columns unrolled, as by default)."""
+    ``unroll_kw`` (1: the kernel's columns unrolled, as by default); on NEON (4 lanes) ``lane_inner``
+    (1, the default there: the input channel block innermost in the reduction, so each input
+    pixel is one vector load feeding by-element FMAs, ``fmla v.4s, w.4s, x.s[i]``, instead of a
+    scalar load per FMA on strided and 1x1 convs; 0: the x86 order)."""
     stages = _blocked_conv_stages(sch)
     if stages is None:
         return False
@@ -89,13 +92,15 @@ def schedule_blocked_conv(sch: Schedule, lanes: int = 16, knobs: Knobs = DEFAULT
     if reductions not in (3, 4):  # (chunk, kh, kw, lane), or (kh, kw, real channel): padded input
         return False
     out = consumers[-1] if consumers else sch.cache_write(conv, 0, "local")
+    neon = lanes == 4
+    lane_inner = knobs.pick("lane_inner", [1, 0] if neon else [0], 1 if neon else 0)
     if reductions == 4:
         n, ko, oh, ow, co, rk, rh, rw, rc = sch.get_loops(conv)
-        order = [rk, rh, rc, rw]
+        order = [rk, rh, rw, rc] if lane_inner else [rk, rh, rc, rw]
     else:
         n, ko, oh, ow, co, rh, rw, rc = sch.get_loops(conv)
         rk = rh
-        order = [rh, rc, rw]
+        order = [rh, rw, rc] if lane_inner else [rh, rc, rw]
     wo, kos, cb = extent(sch, ow), extent(sch, ko), extent(sch, co)
     reg_n, oc_tile = conv_tile(wo, kos, cb, lanes)
     vecs, cap = max(1, cb // lanes), tile_cap(lanes)
@@ -114,6 +119,8 @@ def schedule_blocked_conv(sch: Schedule, lanes: int = 16, knobs: Knobs = DEFAULT
     parallel(sch, par)
     if unroll_kw:
         sch.unroll(rw)
+    if lane_inner:
+        sch.unroll(rc)
     sch.unroll(koi)
     sch.unroll(owi)
     sch.vectorize(co)
@@ -190,7 +197,10 @@ def schedule_blocked_depthwise_dc(sch: Schedule, lanes: int = 16, knobs: Knobs =
     sum (vectorised over the block; on maps of :data:`FUSED_SUM_PIXELS` or more added up from
     each tile as it is written, not from a second read of the scratch map) and the epilogue
     (with any elementwise op fused after it) over that map. The output is written once; the
-    input is read once. Knob: ``reg_n``."""
+    input is read once. Knobs: ``reg_n``; on NEON ``pad_map`` (1, the default there: the channel
+    block's padded map built once per iteration; 0: the ``kh`` padded rows each output row reads,
+    rebuilt per row, the x86 default: on emulated aarch64 the per-row padding executed 1.3-1.8x
+    the instructions of the whole kernel with the map built once)."""
     names = _names(sch)
     if "blocked_conv" not in names or "map_sum" not in names:
         return False
@@ -231,7 +241,9 @@ def schedule_blocked_depthwise_dc(sch: Schedule, lanes: int = 16, knobs: Knobs =
     if not fused_sum:
         sinit = sch.decompose_reduction(msum, s0)
         sch.vectorize(sch.get_loops(sinit)[-1])
-    _pad_per_row(sch, producers, oh, lanes)
+    # the padded input: per output row (the kh rows it reads) or the block's whole map at once
+    pad_map = knobs.pick("pad_map", [1, 0] if lanes == 4 else [0], 1 if lanes == 4 else 0)
+    _pad_per_row(sch, producers, par if pad_map else oh, lanes)
     sch.unroll(rh)
     sch.unroll(rw)
     sch.unroll(owi)
