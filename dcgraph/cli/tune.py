@@ -69,6 +69,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tu.add_argument("--search", choices=["auto", "knobs"], default="auto",
                     help="auto (default): each kernel's knob space where its default schedule has one, "
                          "MetaSchedule's search for the others; knobs: only the kernels with knobs")
+    tu.add_argument("--cost", choices=["time", "instructions"], default="time",
+                    help="what a candidate is judged by: time (measured here or over --rpc) or instructions "
+                         "(ARM targets: executed instructions on the emulated aarch64 CPU, every point of "
+                         "each kernel's knob space counted; deterministic, no --trials or --minutes needed)")
     tu.add_argument("--cost-model", choices=["auto", "xgb", "random"], default="auto",
                     help="MetaSchedule cost model (default auto: xgb if installed, else random)")
     tu.add_argument("--no-convert", action="store_true", help="tune as is (no norm conversion)")
@@ -104,8 +108,10 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.rpc is None) != (args.key is None):
         raise ValueError("--rpc HOST:PORT and --key NAME go together")
-    if args.trials is None and args.minutes is None:
+    if args.trials is None and args.minutes is None and args.cost == "time":
         raise ValueError("give a budget: --trials N, --minutes M, or both")
+    if args.cost == "instructions" and args.rpc:
+        raise ValueError("--cost instructions counts on the emulated CPU here: leave out --rpc")
     target = targets.resolve(args.target)
     model, shape = tvm_model(args.model, args.input_shape)
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
@@ -118,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
                       cost_model=args.cost_model, progress=not args.no_progress and sys.stderr.isatty(),
                       convert=not args.no_convert, plan=args.plan, layout=args.layout,
                       winograd=not args.no_winograd, min_trials=args.min_trials, search=args.search,
+                      cost=args.cost,
                       kernels=args.kernels.split(",") if args.kernels else None)
     except TuneError as e:
         if e.report is not None:
@@ -144,4 +151,6 @@ def budget(args: argparse.Namespace) -> str:
         parts.append(f"{args.trials} trials")
     if args.minutes is not None:
         parts.append(f"{args.minutes:g} minutes")
+    if args.cost == "instructions":
+        parts.append("every knob-space point, by executed instructions")
     return " or ".join(parts)

@@ -171,3 +171,38 @@ def test_errors_are_clear(counter: ac.Counter, tmp_path: Path) -> None:
     bad.write_bytes(b"not onnx")
     with pytest.raises(RuntimeError, match="counting on emulated aarch64 failed"):
         ac.count([ac.Item("bad", "ort", str(bad), x)], counter)
+
+
+def test_tuning_on_instructions_applies_and_never_adds(counter: ac.Counter, tmp_path: Path) -> None:
+    """``tune(..., cost="instructions")`` on a strided block: every knob point counted, the choice
+    applied by ``compile``; the tuned build executes no more instructions than the default one
+    (the choice is the count's minimum) and both match the reference. A second run counts nothing."""
+    from dcgraph.backends.tvm import compiler
+    from dcgraph.backends.tvm.remote.arm_server import arm_target
+    from dcgraph.backends.tvm.tuning import tune
+    from dcgraph.bench.op_level import tvm_module
+    from dcgraph.bench.shapes import OpShape
+
+    s = OpShape("t", "test", 16, 32, 14, 3, 2, 1, "relu")
+    t = s.tensors(1)
+    db = tmp_path / "db"
+    report = tune(tvm_module("fused", s, t), "arm", None, db=str(db), cost="instructions", convert=False,
+                  fuse_plain=False, progress=False)
+    conv = next(r for r in report.tasks if r.name.startswith("dc_conv"))
+    assert conv.trials_run == conv.budget > 1 and conv.wrong_results == 0
+    assert conv.best_ms <= conv.default_ms
+    again = tune(tvm_module("fused", s, t), "arm", None, db=str(db), cost="instructions", convert=False,
+                 fuse_plain=False, progress=False)
+    assert again.trials_run == 0
+    builds = {kind: compiler.compile(tvm_module("fused", s, t), arm_target(), convert=False, fuse_plain=False,
+                                     database=str(db) if kind == "tuned" else None, shipped=False).executable
+              for kind in ("default", "tuned")}
+    outputs: dict[str, np.ndarray] = {}
+    got = ac.count_objects(builds, [t["x"].numpy()], counter, outputs=outputs)
+    d = {k: v.double() for k, v in t.items()}
+    want = R.conv_deep_control(d["x"], d["weight"], None, d["a"], d["g"], d["b"], 2, 1, act="relu").numpy()
+    for kind in builds:
+        assert np.abs(outputs[kind] - want).max() <= 1e-4 * np.abs(want).max(), kind
+    assert got["tuned"].total <= got["default"].total * 1.002
+    if conv.kept == "tuned":
+        assert got["tuned"].total < got["default"].total

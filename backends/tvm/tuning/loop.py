@@ -69,7 +69,7 @@ def tune(
     progress: bool = True, convert: bool = True, plan: str = "auto", fuse_plain: bool = True,
     shape: dict | None = None, min_trials: int = MIN_TRIALS, skip_share: float = SKIP_SHARE,
     kernels: Sequence[str] | None = None, timeout: float | None = None, layout: str = "auto",
-    winograd: bool = True, search: str = "auto",
+    winograd: bool = True, search: str = "auto", cost: str = "time",
 ) -> TuneReport:
     """Tune ``model``'s kernels for ``target``, ``trials`` trials in all and/or ``minutes`` of
     wall time; records in ``db/<target key>/``.
@@ -88,6 +88,8 @@ def tune(
     ``timeout``: seconds per measurement (default 60 here, 300 over RPC). ``search``: ``auto``
     (the knob space of a kernel whose default rule has one, MetaSchedule's search for the others)
     or ``knobs`` (only the kernels with a knob space; the others keep their default schedules).
+    ``cost``: ``time`` (measured) or ``instructions`` (ARM targets: every knob-space point counted
+    on the emulated CPU, :mod:`.count_search`; deterministic, no budget needed, ``rpc`` unused).
 
     Returns a :class:`TuneReport` (``interrupted=True`` after Ctrl-C: the records measured so far
     are kept). Raises :class:`TuneError` when no device answers; its ``report`` is the partial one.
@@ -95,6 +97,11 @@ def tune(
     t0 = time.monotonic()
     if search not in ("auto", "knobs"):
         raise TuneError(f"search must be 'auto' or 'knobs', got {search!r}")
+    if cost not in ("time", "instructions"):
+        raise TuneError(f"cost must be 'time' or 'instructions', got {cost!r}")
+    if cost == "instructions":
+        return _tune_by_count(model, target, example_inputs, db, progress, convert, plan, fuse_plain, shape,
+                              kernels, layout, winograd, t0)
     if trials is None and minutes is None:
         raise TuneError("give a budget: trials=N (per model) and/or minutes=M")
     if minutes is not None and not minutes > 0:
@@ -128,6 +135,29 @@ def tune(
     if report.error is not None:
         raise TuneError(f"tuning stopped: {report.error}; the {report.trials_run} trials measured before "
                         f"are kept in {directory}", report)
+    return report
+
+
+def _tune_by_count(model: Any, target: Any, example_inputs: Any, db: Any, progress: bool, convert: bool,
+                   plan: str, fuse_plain: bool, shape: dict | None, kernels: Sequence[str] | None,
+                   layout: str, winograd: bool, t0: float) -> TuneReport:
+    from .count_search import tune_by_count
+
+    tgt = targets_.resolve(target)
+    if not targets_.is_arm(tgt):
+        raise TuneError(f"cost='instructions' counts on emulated aarch64; {targets_.describe(tgt)} is not "
+                        "an ARM target (--target arm)")
+    mod = prepare(model, example_inputs, plan=plan, convert=convert, fuse_plain=fuse_plain, shape=shape)
+    tasks = extract_tasks(fuse(mod, tgt, layout, winograd), tgt)
+    if kernels:
+        select(tasks, kernels, 0.0)
+        tasks = [t for t in tasks if t.name in set(kernels)]
+    directory = database_dir(db, tgt)
+    report = TuneReport(targets_.describe(tgt), str(directory), "none (instructions counted)",
+                        "emulated aarch64 (qemu, instruction counts)", 0, unit="M instr")
+    tune_by_count(tasks, tgt, db, report, progress)
+    (directory / "target.json").write_text(json.dumps({"key": directory.name, "target": str(tgt)}) + "\n")
+    report.seconds = time.monotonic() - t0
     return report
 
 

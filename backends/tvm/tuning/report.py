@@ -60,6 +60,7 @@ class TuneReport:
     seconds: float = 0.0
     interrupted: bool = False
     error: str | None = None
+    unit: str = "ms"  #: of best / default: ``ms`` (timed) or ``M instr`` (counted, ARM)
 
     @property
     def trials_run(self) -> int:
@@ -73,7 +74,8 @@ class TuneReport:
         def ms_(v: float | None) -> str:
             return f"{v:.4g}" if v is not None else "-"
 
-        rows = [("task", "kind", "calls", "MFLOP", "trials", "new", "best ms", "default ms", "kept",
+        unit = self.unit
+        rows = [("task", "kind", "calls", "MFLOP", "trials", "new", f"best {unit}", f"default {unit}", "kept",
                  "speed-up", "wrong")]
         for t in self.tasks:
             up = f"{t.speedup:.2f}x" if t.speedup is not None else "-"
