@@ -39,9 +39,11 @@ __all__ = ["run"]
 
 OP_ROWS = {"ort_conv": ("ORT conv alone (aarch64, MLAS)", "floor"),
            "ort_plain": ("ORT Deep Control, plain ops", "peer"),
-           "tvm_fused": ("dcgraph TVM fused (NEON)", "dcgraph")}
+           "tvm_fused": ("dcgraph TVM fused (NEON)", "dcgraph"),
+           "tvm_tuned": ("dcgraph TVM, tuned on instructions", "dcgraph")}
 MODEL_ROWS = {"ort_bn": ("ORT, BatchNorm model (BN folded)", "floor"),
-              "tvm_fused": ("dcgraph TVM fused (NEON)", "dcgraph")}
+              "tvm_fused": ("dcgraph TVM fused (NEON)", "dcgraph"),
+              "tvm_tuned": ("dcgraph TVM, tuned on instructions", "dcgraph")}
 #: the model level's default models (any of ``dcgraph bench model``'s names work; 224 px, quick 64)
 MODELS = ("resnet18", "mobilenet_v2")
 IDEAL_PER_MAC = 0.25
@@ -75,8 +77,22 @@ def macs_of(model: torch.nn.Module, x: torch.Tensor) -> int:
     return total
 
 
-def _op_objects(s: OpShape) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray, float]:
-    """One block's rows (objects to count), the wanted outputs, its input and MACs."""
+def _tuned(model: Any, example: Any, db: str | None, name: str, **kw: Any) -> Any:
+    """``model`` compiled for ARM with its kernels tuned on executed instructions into ``db/name``
+    (:mod:`dcgraph.backends.tvm.tuning.count_search`; a second run reuses the counts)."""
+    from dcgraph.backends.tvm import compiler
+    from dcgraph.backends.tvm.remote.arm_server import arm_target
+    from dcgraph.backends.tvm.tuning import tune
+
+    where = f"{db}/{name}"
+    tune(model, "arm", example, db=where, cost="instructions", progress=False, **kw)
+    return compiler.compile(model, arm_target(), example, database=where, **kw).executable
+
+
+def _op_objects(s: OpShape, db: str | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray,
+                                                            float]:
+    """One block's rows (objects to count), the wanted outputs, its input and MACs; ``db``: also
+    the block tuned on instructions (records under ``db``)."""
     import torch.nn.functional as F
     import tvm
 
@@ -96,7 +112,10 @@ def _op_objects(s: OpShape) -> tuple[dict[str, Any], dict[str, np.ndarray], np.n
     fused = tvm.compile(tvm_module("fused", s, t), target=tgt, relax_pipeline=relax_pipeline(tgt))
     objects = {"ort_conv": onnx_model("conv", s, t), "ort_plain": onnx_model("plain", s, t),
                "tvm_fused": fused}
-    wants = {"ort_conv": conv_want, "ort_plain": want, "tvm_fused": want}
+    wants = {"ort_conv": conv_want, "ort_plain": want, "tvm_fused": want, "tvm_tuned": want}
+    if db is not None:
+        objects["tvm_tuned"] = _tuned(tvm_module("fused", s, t), None, db, s.name, convert=False,
+                                      fuse_plain=False)
     return objects, wants, t["x"].numpy(), s.flops(1) / 2
 
 
@@ -108,7 +127,7 @@ def hot_loop(executable: Any) -> dict[str, Any] | None:
     if arm_mca.mca_tool() is None:
         return None
     asm = "\n".join(m.inspect_source("asm") for m in executable.mod.imports)
-    loop = arm_mca.hottest_loop(asm)
+    loop = arm_mca.hottest_loop(asm, ("dc_conv", "dc_winograd", "dc_depthwise"))
     if loop is None:
         return None
     out: dict[str, Any] = {"fmas": loop.fmas, "instructions": len(loop.body)}
@@ -120,8 +139,8 @@ def hot_loop(executable: Any) -> dict[str, Any] | None:
     return out
 
 
-def _model_objects(name: str, width: int, size: int) -> tuple[dict[str, Any], dict[str, np.ndarray],
-                                                               np.ndarray, float]:
+def _model_objects(name: str, width: int, size: int, db: str | None = None
+                   ) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray, float]:
     from dcgraph import zoo
     from dcgraph.backends.tvm import compiler
     from dcgraph.backends.tvm.remote.arm_server import arm_target
@@ -146,13 +165,18 @@ def _model_objects(name: str, width: int, size: int) -> tuple[dict[str, Any], di
             onnx_bn = export_onnx(bn, x)
     compiled = compiler.compile(plain, arm_target(), x, shipped=False)
     objects = {"ort_bn": onnx_bn, "tvm_fused": compiled.executable}
-    return objects, {"ort_bn": want_bn, "tvm_fused": want}, x.numpy(), float(macs_of(bn, x))
+    if db is not None:
+        objects["tvm_tuned"] = _tuned(plain, x, db, f"{name}-{size}", convert=True)
+    wants = {"ort_bn": want_bn, "tvm_fused": want, "tvm_tuned": want}
+    return objects, wants, x.numpy(), float(macs_of(bn, x))
 
 
 def _rows(counts: dict, outputs: dict, case: str, wants: dict, macs: float, row_names: dict) -> dict:
     rows: dict[str, dict] = {}
     floor = None
     for key in row_names:
+        if f"{case}/{key}" not in counts:
+            continue
         c = counts[f"{case}/{key}"]
         err = _rel_err(outputs[f"{case}/{key}"], wants[key])
         r = {"status": H.OK if err < TOL else H.FAILED, "error": err, "instructions": c.total,
@@ -220,18 +244,22 @@ def markdown(data: dict) -> str:
         recs = [c for c in data["cases"] if c["level"] == level]
         if not recs:
             continue
+        rows = {k: v for k, v in rows.items() if any(k in c["rows"] for c in recs)}
+        hot_head = " dcgraph's hot loop: FMAs/iter, FMA/cycle (A57 / A55 model) |" if level == "op" else ""
         lines += [f"## {level} level (batch 1)", "",
                   "| case | MMAC | " + " | ".join(f"{v[0]}: M instr (per MAC, FMA)" for v in rows.values())
-                  + " | dcgraph / floor |" + (" dcgraph's hot loop: FMAs/iter, FMA/cycle (A57 / A55 model) |"
-                                               if level == "op" else ""),
+                  + " | dcgraph's best / floor |" + hot_head,
                   "|---|---:|" + "---:|" * len(rows) + "---:|" + ("---:|" if level == "op" else "")]
         for c in recs:
             cells = []
             for k in rows:
-                r = c["rows"][k]
+                r = c["rows"].get(k)
+                if r is None:
+                    cells.append("-")
+                    continue
                 bad = "" if r["status"] == H.OK else " **FAILED**"
                 cells.append(f"{r['instructions'] / 1e6:.1f} ({r['per_mac']:.3f}, {r['fma_share']:.0%}){bad}")
-            vs = c["rows"]["tvm_fused"].get("vs_floor")
+            vs = c.get("dcgraph_vs_floor")
             ratio = f"{vs:.2f}x" if vs else "-"
             hot = ""
             if level == "op":
@@ -243,7 +271,9 @@ def markdown(data: dict) -> str:
         g = data["summary"].get(level)
         if g:
             peer = f"; dcgraph / best peer {g['dcgraph_vs_peer']:.2f}x" if "dcgraph_vs_peer" in g else ""
-            lines += ["", f"Geometric mean, dcgraph / floor: **{g['dcgraph_vs_floor']:.2f}x**{peer}", ""]
+            tuned = f"; tuned / untuned {g['tuned_vs_untuned']:.3f}x" if "tuned_vs_untuned" in g else ""
+            best = f"**{g['dcgraph_vs_floor']:.2f}x**"
+            lines += ["", f"Geometric mean, dcgraph's best / floor: {best}{peer}{tuned}", ""]
     lines.append(f"Seconds: {data['seconds']}")
     return "\n".join(lines) + "\n"
 
@@ -253,14 +283,28 @@ def _summary(cases: list[dict]) -> dict:
 
     out = {}
     for level in ("op", "model"):
-        sel = [c for c in cases if c["level"] == level and c["rows"]["tvm_fused"].get("vs_floor")]
+        sel = [c for c in cases if c["level"] == level and c.get("dcgraph_vs_floor")]
         if sel:
-            s = {"dcgraph_vs_floor": geomean([c["rows"]["tvm_fused"]["vs_floor"] for c in sel])}
+            s = {"dcgraph_vs_floor": geomean([c["dcgraph_vs_floor"] for c in sel])}
             if level == "op":
-                s["dcgraph_vs_peer"] = geomean([c["rows"]["tvm_fused"]["instructions"]
-                                                / c["rows"]["ort_plain"]["instructions"] for c in sel])
+                s["dcgraph_vs_peer"] = geomean([c["dcgraph_best"] / c["rows"]["ort_plain"]["instructions"]
+                                                for c in sel])
+            tuned = [c["rows"]["tvm_tuned"]["instructions"] / c["rows"]["tvm_fused"]["instructions"]
+                     for c in sel if c["rows"].get("tvm_tuned", {}).get("status") == H.OK]
+            if tuned:
+                s["tuned_vs_untuned"] = geomean(tuned)
             out[level] = s
     return out
+
+
+def _best(rows: dict) -> dict:
+    """dcgraph's best row (fewest instructions, checked) and its ratio to the floor."""
+    ok = [(r["instructions"], k) for k, r in rows.items()
+          if k.startswith("tvm_") and r["status"] == H.OK and r.get("vs_floor")]
+    if not ok:
+        return {}
+    n, k = min(ok)
+    return {"dcgraph_best": n, "best_dcgraph": k, "dcgraph_vs_floor": rows[k]["vs_floor"]}
 
 
 def _machine() -> dict:
@@ -276,9 +320,12 @@ def _machine() -> dict:
 
 
 def run(quick: bool = False, shapes: list[str] | None = None, models: list[str] | None = None,
-        write: bool = True, progress: bool = True, command: str = "dcgraph bench arm") -> dict:
+        write: bool = True, progress: bool = True, command: str = "dcgraph bench arm",
+        tune_db: str | None = None) -> dict:
     """The ARM level; writes ``results/fusion_arm[_quick].{json,md}`` when ``write``. ``models``:
-    [] for none (op level only); ``shapes``: [] for none."""
+    [] for none (op level only); ``shapes``: [] for none. ``tune_db``: also a ``tvm_tuned`` row,
+    each block and model tuned on executed instructions first (records under that directory;
+    a second run reuses them)."""
     from dcgraph.backends.tvm.remote.arm_count import ensure_counter
 
     from .common import write_results
@@ -294,7 +341,7 @@ def run(quick: bool = False, shapes: list[str] | None = None, models: list[str] 
         if s.name in names:
             if say:
                 say(f"building {s.name} for aarch64")
-            objects, wants, x, macs = _op_objects(s)
+            objects, wants, x, macs = _op_objects(s, tune_db)
             built.append(("op", s.name, objects, wants, x, macs, OP_ROWS))
     from .model_level import model_spec
 
@@ -302,7 +349,7 @@ def run(quick: bool = False, shapes: list[str] | None = None, models: list[str] 
         width = model_spec(name)[2 if quick else 1]
         if say:
             say(f"building {name} (width {width}, {size} px) for aarch64")
-        objects, wants, x, macs = _model_objects(name, width, size)
+        objects, wants, x, macs = _model_objects(name, width, size, tune_db)
         built.append(("model", name, objects, wants, x, macs, MODEL_ROWS))
     counts, outputs = _count_all([(c[1], c[2], c[3], c[4], c[5]) for c in built], progress)
     cases = []
@@ -310,7 +357,8 @@ def run(quick: bool = False, shapes: list[str] | None = None, models: list[str] 
         rows = _rows(counts, outputs, case, wants, macs, row_names)
         if level == "op":  # the fused block's micro-kernel, statically (a second opinion)
             rows["tvm_fused"]["hot_loop"] = hot_loop(objects["tvm_fused"])
-        cases.append({"level": level, "case": case, "input": list(x.shape), "macs": macs, "rows": rows})
+        cases.append({"level": level, "case": case, "input": list(x.shape), "macs": macs, "rows": rows,
+                      **_best(rows)})
     data = {"level": "arm", "quick": quick, "machine": _machine(), "command": command,
             "rows": {"op": OP_ROWS, "model": MODEL_ROWS}, "ideal_per_mac": IDEAL_PER_MAC,
             "cases": cases, "summary": _summary(cases), "seconds": round(time.perf_counter() - t0, 1)}

@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune", type=non_negative, default=0, metavar="TRIALS",
                    help="op and model levels: first tune the TVM kernels of every block / model into --db "
                         "with dcgraph.backends.tvm.tuning (TRIALS per block or model; resumes, so a second "
-                        "run costs nothing); about 4 s per trial on 2 cores")
+                        "run costs nothing); about 4 s per trial on 2 cores. arm level: any TRIALS tunes "
+                        "every knob-space point on executed instructions (--cost instructions)")
     p.add_argument("--out", type=output_dir, metavar="DIR", default="bench-results",
                    help="where the results go: fusion_<level>[_quick].{json,md,png} (default "
                         "./bench-results; the repository's committed results are benchmarks/results)")
@@ -111,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
             from . import arm_level
 
             try:
-                data = arm_level.run(args.quick, shapes=args.shapes, models=args.models, command=cmd)
+                data = arm_level.run(args.quick, shapes=args.shapes, models=args.models, command=cmd,
+                                     tune_db=args.db if args.tune else None)
             except EmulationUnavailable as e:
                 print(f"dcgraph bench: error: ARM emulation unavailable: {e}", file=sys.stderr)
                 return 2

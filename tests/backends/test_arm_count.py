@@ -206,3 +206,44 @@ def test_tuning_on_instructions_applies_and_never_adds(counter: ac.Counter, tmp_
     assert got["tuned"].total <= got["default"].total * 1.002
     if conv.kept == "tuned":
         assert got["tuned"].total < got["default"].total
+
+
+ASM = """\
+	.type	k_compute_,@function
+k_compute_:
+.LBB0_1:
+	mov	x1, xzr
+.LBB0_2:
+	ldr	q0, [x0]
+	fmla	v1.4s, v0.4s, v2.s[0]
+	fmla	v3.4s, v0.4s, v2.s[1]
+	add	x1, x1, #1
+	cmp	x1, #8
+	b.ne	.LBB0_2
+	fadd	v4.4s, v1.4s, v3.4s
+	subs	x2, x2, #1
+	b.ne	.LBB0_1
+.LBB0_3:
+	fmla	v5.4s, v5.4s, v6.4s
+	fmul	v5.4s, v5.4s, v6.4s
+	fadd	v5.4s, v5.4s, v6.4s
+	fmax	v5.4s, v5.4s, v6.4s
+	fmin	v5.4s, v5.4s, v6.4s
+	str	q5, [x3], #16
+	cbnz	x4, .LBB0_3
+	ret
+"""
+
+
+def test_hot_loop_is_the_innermost_dense_one() -> None:
+    from dcgraph.backends.tvm.remote import arm_mca
+
+    found = arm_mca.loops(ASM)
+    assert [lp.label for lp in found] == [".LBB0_2", ".LBB0_3"]  # the outer .LBB0_1 contains .LBB0_2
+    hot = arm_mca.hottest_loop(ASM)
+    assert hot is not None and hot.label == ".LBB0_2" and hot.fmas == 2 and len(hot.body) == 6
+    if arm_mca.mca_tool() is None:
+        pytest.skip("llvm-mca is not installed")
+    est = arm_mca.mca(hot, "cortex-a57")
+    # two FMAs per iteration, at most one 128-bit FMLA per cycle on the A57 model
+    assert est["cycles_per_iteration"] >= 2 and 0 < est["fmas_per_cycle"] <= 1.0

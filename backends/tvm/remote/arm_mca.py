@@ -24,6 +24,8 @@ __all__ = ["CORES", "Loop", "hottest_loop", "mca", "mca_tool"]
 
 #: core -> what llvm-mca models it as (see the module doc)
 CORES = {"cortex-a57": "out of order (the model LLVM 14 uses for A72, A76, N1)", "cortex-a55": "in order"}
+#: the FMA share of a loop that counts as a micro-kernel (see :func:`hottest_loop`)
+DENSE = 0.4
 _LABEL = re.compile(r"^([.\w$]+):")
 _BRANCH = re.compile(r"^\s*(?:b(?:\.\w+)?|cbn?z\s+\w+,|tbn?z\s+\w+,\s*#\d+,)\s*([.\w$]+)\s*$")
 
@@ -64,11 +66,34 @@ def loops(asm: str) -> list[Loop]:
     return [Loop(label, _instructions(lines[a + 1:b + 1])) for a, b, label in inner]
 
 
-def hottest_loop(asm: str) -> Loop | None:
-    """The innermost loop with the most vector FMAs (the longest of those, if tied); None if no
-    loop has one."""
+_FUNCTION = re.compile(r"^\s*\.type\s+([.\w$]+),\s*@function")
+
+
+def functions(asm: str) -> dict[str, str]:
+    """The assembly of each function, a parallel loop's body (``.L__tvm_parallel_lambda*``, which
+    LLVM emits after the kernel that launches it) counted with that kernel."""
+    out: dict[str, list[str]] = {}
+    name = ""
+    for ln in asm.splitlines():
+        m = _FUNCTION.match(ln)
+        if m and "parallel_lambda" not in m.group(1):
+            name = m.group(1)
+        out.setdefault(name, []).append(ln)
+    return {k: "\n".join(v) for k, v in out.items()}
+
+
+def hottest_loop(asm: str, kernels: tuple[str, ...] = ()) -> Loop | None:
+    """The innermost loop with the most vector FMAs (the longest of those, if tied) in the
+    functions whose name contains one of ``kernels`` (all of ``asm`` if none does), among the loops
+    where FMAs are at least :data:`DENSE` of the instructions if there are any (a fused silu's
+    polynomial, in an epilogue loop, has many FMAs too); None if no loop has one."""
+    if kernels:
+        picked = [text for name, text in functions(asm).items() if any(k in name for k in kernels)]
+        asm = "\n".join(picked) or asm
     found = [lp for lp in loops(asm) if lp.fmas]
-    return max(found, key=lambda lp: (lp.fmas, len(lp.body))) if found else None
+    if not found:
+        return None
+    return max(found, key=lambda lp: (lp.fmas >= DENSE * len(lp.body), lp.fmas, len(lp.body)))
 
 
 def mca_tool() -> str | None:
