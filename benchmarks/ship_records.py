@@ -15,6 +15,7 @@ confirmed records are shipped, with their kernels and ``choices.json``. ``SOURCE
 from; ``compile`` names it in ``summary()``.
 
     python benchmarks/ship_records.py [--configs resnet18:224:1 ...] [--minutes M] [--scratch DIR]
+    python benchmarks/ship_records.py --retile   # after a change of schedules.common.TILE_SCOPE
 """
 
 from __future__ import annotations
@@ -64,6 +65,39 @@ def model_for(name: str, width: int) -> torch.nn.Module:
         return live_mean(bn)
 
 
+def retile(directory: str | os.PathLike) -> int:
+    """Rewrite the register tiles' storage scope in a database's records (``CacheWrite`` and
+    ``SetScope`` steps) to :data:`dcgraph.backends.tvm.schedules.common.TILE_SCOPE`, and the trace
+    fingerprints ``choices.json`` names to match: the same decisions, the tiles where the default
+    schedules now put them. Returns the records changed."""
+    from pathlib import Path
+
+    from dcgraph.backends.tvm.database import fingerprint
+    from dcgraph.backends.tvm.schedules.common import TILE_SCOPE
+
+    directory = Path(directory)
+    workloads = [ms.database.Workload.from_json(json.loads(ln))
+                 for ln in (directory / "database_workload.json").read_text().splitlines() if ln.strip()]
+    lines = [json.loads(ln) for ln in (directory / "database_tuning_record.json").read_text().splitlines()
+             if ln.strip()]
+    renamed, changed = {}, 0
+    for rec in lines:
+        before = fingerprint(ms.database.TuningRecord.from_json(rec[1], workloads[rec[0]]).trace)
+        steps = [st for st in rec[1][0][0] if st[0] in ("CacheWrite", "SetScope") and st[2][-1] != TILE_SCOPE
+                 and st[2][-1] in ("local", "global")]
+        for st in steps:
+            st[2][-1] = TILE_SCOPE
+        changed += bool(steps)
+        renamed[before] = fingerprint(ms.database.TuningRecord.from_json(rec[1], workloads[rec[0]]).trace)
+    (directory / "database_tuning_record.json").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    choices = json.loads((directory / CHOICES).read_text())
+    for entry in choices.values():
+        if entry.get("trace") in renamed:
+            entry["trace"] = renamed[entry["trace"]]
+    (directory / CHOICES).write_text(json.dumps(choices, indent=1, sort_keys=True) + "\n")
+    return changed
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=CONFIGS, metavar="MODEL:SIZE:BATCH:WIDTH")
@@ -71,8 +105,14 @@ def main() -> int:
     p.add_argument("--scratch", default="build/ship-db", help="the tuning directory (kept: resumes)")
     p.add_argument("--package-only", action="store_true",
                    help="no tuning: ship what the scratch directory has")
+    p.add_argument("--retile", action="store_true",
+                   help="no tuning: rewrite this family's shipped records to the current tile scope")
     args = p.parse_args()
     tgt = targets.resolve(targets.x86())
+    if args.retile:
+        n = retile(RECORDS / family(tgt))
+        print(f"{n} records of {family(tgt)} rewritten to the current tile scope")
+        return 0
     fam = family(tgt)
     out = RECORDS / fam
     done = []

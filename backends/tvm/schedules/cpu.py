@@ -28,7 +28,7 @@ import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
 
-from .common import SCHEDULED, conv_stages, extent, has_root, iter_kinds
+from .common import SCHEDULED, TILE_SCOPE, conv_stages, extent, has_root, iter_kinds
 from .cpu_blocked import (
     schedule_blocked_conv,
     schedule_blocked_depthwise,
@@ -78,7 +78,7 @@ def schedule_conv_cpu(sch: Schedule, lanes: int = 8) -> bool:
         return False
     conv, producers, consumers = stages
     # A conv with no epilogue writes its output through a register tile too.
-    out = consumers[-1] if consumers else sch.cache_write(conv, 0, "local")
+    out = consumers[-1] if consumers else sch.cache_write(conv, 0, TILE_SCOPE)
 
     kinds = iter_kinds(sch, conv)
     n_spatial = kinds.count(0)
@@ -95,7 +95,7 @@ def schedule_conv_cpu(sch: Schedule, lanes: int = 8) -> bool:
 
     sch.reverse_compute_at(out, wo, preserve_unit_loops=True)
     if consumers:
-        sch.set_scope(conv, 0, "local")
+        sch.set_scope(conv, 0, TILE_SCOPE)
     sch.vectorize(sch.get_loops(out)[-1])
     sch.parallel(sch.fuse(spatial[0], co, *middle))
     sch.unroll(ci)

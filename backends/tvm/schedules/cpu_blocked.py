@@ -23,7 +23,16 @@ from __future__ import annotations
 from tvm.s_tir import Schedule
 
 from ..kernels_blocked import channel_block
-from .common import conv_stages, extent, has_root, iter_kinds, largest_divisor, parallel, spatial_only
+from .common import (
+    TILE_SCOPE,
+    conv_stages,
+    extent,
+    has_root,
+    iter_kinds,
+    largest_divisor,
+    parallel,
+    spatial_only,
+)
 from .knobs import DEFAULTS, Knobs
 
 
@@ -93,7 +102,7 @@ def schedule_blocked_conv(sch: Schedule, lanes: int = 16, knobs: Knobs = DEFAULT
     reductions = iter_kinds(sch, conv).count(2)
     if reductions not in (3, 4):  # (chunk, kh, kw, lane), or (kh, kw, real channel): padded input
         return False
-    out = consumers[-1] if consumers else sch.cache_write(conv, 0, "local")
+    out = consumers[-1] if consumers else sch.cache_write(conv, 0, TILE_SCOPE)
     neon = lanes == 4
     lane_inner = knobs.pick("lane_inner", [1, 0] if neon else [0], int(neon and _no_tap_reuse(sch, conv)))
     if reductions == 4:
@@ -116,7 +125,7 @@ def schedule_blocked_conv(sch: Schedule, lanes: int = 16, knobs: Knobs = DEFAULT
     sch.reorder(n, koo, oh, owo, *order, koi, owi, co)
     sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
     if consumers:
-        sch.set_scope(conv, 0, "local")
+        sch.set_scope(conv, 0, TILE_SCOPE)
     par = sch.fuse(n, koo, oh)
     parallel(sch, par)
     if unroll_kw:
@@ -176,14 +185,14 @@ def schedule_blocked_depthwise(sch: Schedule, lanes: int = 16, knobs: Knobs = DE
     conv, producers, consumers = stages
     if iter_kinds(sch, conv).count(2) != 2:
         return False
-    out = consumers[-1] if consumers else sch.cache_write(conv, 0, "local")
+    out = consumers[-1] if consumers else sch.cache_write(conv, 0, TILE_SCOPE)
     n, k, oh, ow, c, rh, rw = sch.get_loops(conv)
     reg_n = _depthwise_reg_n(sch, ow, lanes, knobs)
     owo, owi = sch.split(ow, [None, reg_n])
     sch.reorder(n, k, oh, owo, rh, rw, owi, c)
     sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
     if consumers:
-        sch.set_scope(conv, 0, "local")
+        sch.set_scope(conv, 0, TILE_SCOPE)
     par = sch.fuse(n, k, oh)
     parallel(sch, par)
     sch.unroll(rh)
@@ -246,7 +255,7 @@ def schedule_blocked_depthwise_dc(sch: Schedule, lanes: int = 16, knobs: Knobs =
     reg_n = _depthwise_reg_n(sch, ow, lanes, knobs)
     owo, owi = sch.split(ow, [None, reg_n])
     sch.reorder(oh, owo, rh, rw, owi, c)
-    tile = sch.cache_write(conv, 0, "local")
+    tile = sch.cache_write(conv, 0, TILE_SCOPE)
     sch.reverse_compute_at(tile, owo, preserve_unit_loops=True)
     if fused_sum:  # the map sum added up from each tile as it is written
         sch.reverse_compute_at(msum, owo, preserve_unit_loops=True)
@@ -336,7 +345,7 @@ def schedule_blocked_shift(sch: Schedule, lanes: int = 16) -> bool:
         group = largest_divisor(extent(sch, co) or 1, SHIFT_VECTORS)
         coo, coi = sch.split(co, [None, group])
         sch.reorder(n, coo, rc, r0, r1, coi, ci)
-        acc = sch.cache_write(block, 0, "local")
+        acc = sch.cache_write(block, 0, TILE_SCOPE)
         sch.reverse_compute_at(acc, coo, preserve_unit_loops=True)
         sch.vectorize(ci)
         sch.unroll(coi)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from tvm.s_tir import Schedule
 
 from ..packed_matmul import tile_rows
-from .common import extent, has_root, iter_kinds, largest_divisor, parallel, spatial_only
+from .common import TILE_SCOPE, extent, has_root, iter_kinds, largest_divisor, parallel, spatial_only
 
 
 def schedule_from_blocked(sch: Schedule, lanes: int = 16) -> bool:
@@ -170,10 +170,10 @@ def schedule_matmul(sch: Schedule, lanes: int = 16) -> bool:
     io, ii = sch.split(i, [None, rows])
     jo, ji = sch.split(j, [None, width])
     sch.reorder(io, jo, *units, k, ii, ji)
-    out = blocks[-1] if len(blocks) > 1 else sch.cache_write(block, 0, "local")
+    out = blocks[-1] if len(blocks) > 1 else sch.cache_write(block, 0, TILE_SCOPE)
     sch.reverse_compute_at(out, jo, preserve_unit_loops=True)
     if len(blocks) > 1:
-        sch.set_scope(block, 0, "local")
+        sch.set_scope(block, 0, TILE_SCOPE)
     sch.vectorize(ji)
     if rows > 1:
         sch.unroll(ii)

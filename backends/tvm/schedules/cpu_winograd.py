@@ -19,7 +19,7 @@ from __future__ import annotations
 from tvm.s_tir import Schedule
 
 from ..winograd import PIXEL_TILE
-from .common import extent, has_root, parallel
+from .common import TILE_SCOPE, extent, has_root, parallel
 from .cpu_blocked import tile_cap
 from .knobs import DEFAULTS, Knobs
 
@@ -75,7 +75,7 @@ def schedule_blocked_winograd(sch: Schedule, lanes: int = 16, knobs: Knobs = DEF
     ko, ki = sch.split(k, [None, oc_tile])
     po, pi = sch.split(p, [None, pixel_tile])
     sch.reorder(e, v, ko, po, rk, rc, pi, ki, j)
-    acc = sch.cache_write(gemm, 0, "local")
+    acc = sch.cache_write(gemm, 0, TILE_SCOPE)
     sch.reverse_compute_at(acc, po, preserve_unit_loops=True)
     parallel(sch, sch.fuse(e, v, ko))
     sch.unroll(pi)
@@ -109,7 +109,7 @@ def _tile_stage(sch: Schedule, name: str, loop) -> None:
     under ``loop`` into a local buffer, its two small loops unrolled, the channel block vectorised."""
     block = sch.get_sblock(name)
     sch.compute_at(block, loop, preserve_unit_loops=True)
-    sch.set_scope(block, 0, "local")
+    sch.set_scope(block, 0, TILE_SCOPE)
     *_, r, b, j = sch.get_loops(block)
     sch.unroll(r)
     sch.unroll(b)
