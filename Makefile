@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-slow lint bench bench-quick bench-train bench-fusion bench-fusion-gpu-build setup arm-setup gpu gpu-build wheel-check clean
+.PHONY: run test test-slow lint bench bench-quick bench-train bench-fusion bench-fusion-gpu-build bench-arm setup arm-setup gpu gpu-build wheel-check clean
 
 run: $(STAMP)                  ## the main job on the built-in model
 	$(BIN)/dcgraph demo
@@ -42,6 +42,9 @@ bench-fusion: $(STAMP)         ## the fusion suite: op, model, train (+ gpu wher
 bench-fusion-gpu-build: $(STAMP)  ## the GPU level's TVM CUDA modules + shared cases for benchmarks/gpu_run.sh on a GPU machine
 	$(BIN)/dcgraph bench gpu --gpu-mode build
 
+bench-arm: $(STAMP)            ## the ARM level: executed instructions on emulated aarch64, with a row tuned on them
+	$(BIN)/dcgraph bench arm --tune 1 --db build/arm-db --out $(RESULTS)
+
 bench-train: $(STAMP)          ## the training study (about 20 min on 2 cores)
 	$(BIN)/python benchmarks/train_grid.py
 
@@ -57,7 +60,7 @@ wheel-check: $(STAMP)          ## build the wheel, install it in a fresh venv ou
 
 setup: $(STAMP)
 
-arm-setup: $(STAMP)            ## emulated aarch64 for the TVM tests: qemu, cross gcc, arm64 Python + TVM (~1 min once)
+arm-setup: $(STAMP)            ## emulated aarch64 for the TVM tests and dcgraph bench arm: qemu, cross gcc, arm64 Python + TVM, the instruction counter (~1 min once)
 	$(BIN)/python -m dcgraph.backends.tvm.remote
 
 # torch 2.13.0 first, by exact version: it is the CPU build on this machine's local disk;

@@ -1,5 +1,7 @@
 """``python -m dcgraph.backends.tvm.remote`` (``make arm-setup``): build (or check) the emulated
-arm64 root; ``--smoke`` then runs a vector add on the emulated CPU over RPC."""
+arm64 root and the instruction counter (:mod:`.arm_count`: qemu-user with plugins, the counting
+plugin, ONNX Runtime's aarch64 wheel); ``--smoke`` then runs a vector add on the emulated CPU
+over RPC."""
 
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="then start an RPC server and run a vector add on the emulated CPU")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--no-count", action="store_true",
+                        help="skip the instruction counter (plugin-capable qemu, ONNX Runtime for aarch64)")
     args = parser.parse_args(argv)
     t0 = time.monotonic()
 
@@ -61,6 +65,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ARM emulation unavailable: {exc}", file=sys.stderr)
         return 2
     say(f"ready: {arm_root.root} (launcher {arm_root.python})")
+    if not args.no_count:
+        from .arm_count import ensure_counter
+
+        try:
+            counter = ensure_counter(arm_root, progress=say)
+        except EmulationUnavailable as exc:
+            print(f"ARM instruction counting unavailable: {exc}", file=sys.stderr)
+            return 2
+        say(f"instruction counter ready: {counter.qemu} with {counter.plugin.name}")
     if args.smoke:
         _smoke(arm_root, say)
     return 0
