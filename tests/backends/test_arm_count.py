@@ -247,3 +247,19 @@ def test_hot_loop_is_the_innermost_dense_one() -> None:
     est = arm_mca.mca(hot, "cortex-a57")
     # two FMAs per iteration, at most one 128-bit FMLA per cycle on the A57 model
     assert est["cycles_per_iteration"] >= 2 and 0 < est["fmas_per_cycle"] <= 1.0
+
+
+def test_bench_arm_level_one_block(counter: ac.Counter) -> None:
+    """``dcgraph bench arm`` on one small block: every row checked against the reference and counted,
+    ratios to the floor (ORT's conv alone), the hot loop estimated."""
+    from dcgraph.bench import arm_level
+    from dcgraph.bench.harness import OK
+
+    data = arm_level.run(shapes=["mbv2.dw_s2"], models=[], write=False, progress=False)
+    (case,) = data["cases"]
+    rows = case["rows"]
+    assert set(rows) == {"ort_conv", "ort_plain", "tvm_fused"}
+    assert all(r["status"] == OK for r in rows.values()), rows
+    assert rows["ort_conv"]["vs_floor"] == 1.0
+    assert case["dcgraph_vs_floor"] == rows["tvm_fused"]["instructions"] / rows["ort_conv"]["instructions"]
+    assert "mbv2.dw_s2" in data["markdown"] and "op" in data["summary"]
