@@ -16,10 +16,11 @@ Rows, op level (the suite's blocks, batch 1):
 Model level (whole models, batch 1): ``ort_bn`` (ONNX Runtime on the BatchNorm model, which
 folds BN into the conv: the floor) and ``tvm_fused`` (dcgraph's compile of the Deep Control model).
 
-Per row: instructions per call, per multiply-add of the direct convolution (the fp32 NEON ideal
-is 0.25: one 4-lane FMA per 4 MACs; Winograd kernels can go below it, since they do fewer
-multiplies than the direct conv), the share of vector FMAs, and the row over the floor. What the
-count does not capture: cache misses, memory bandwidth, issue width, latency (see the README).
+Results: ``fusion_arm[_quick].{json,md,png}``. Per row: instructions per call, per multiply-add
+of the direct convolution (the fp32 NEON ideal is 0.25: one 4-lane FMA per 4 MACs; Winograd
+kernels can go below it, since they do fewer multiplies than the direct conv), the share of
+vector FMAs, and the row over the floor. What the count does not capture: cache misses, memory
+bandwidth, issue width, latency (see the README).
 """
 
 from __future__ import annotations
@@ -231,8 +232,10 @@ def _count_all(cases: list[tuple[str, dict, dict, np.ndarray, float]], progress:
 
 
 def markdown(data: dict) -> str:
+    host = data["machine"].get("host", "?")
     lines = [f"# ARM level: executed instructions on emulated aarch64 ({data['command']})", "",
-             f"qemu-user {data['machine']['qemu']} (`QEMU_CPU=cortex-a72`), one thread, dcgraph's counting "
+             f"qemu-user {data['machine']['qemu']} (`QEMU_CPU=cortex-a72`) on {host}, one thread, "
+             "dcgraph's counting "
              f"plugin; ONNX Runtime {data['machine']['onnxruntime_aarch64']} (aarch64 wheel); TVM target "
              f"`{data['machine']['tvm_target']}`. Counts are exact and reproducible (no timing). "
              "Per MAC: instructions per multiply-add of the direct conv (fp32 NEON ideal 0.25). "
@@ -315,8 +318,48 @@ def _machine() -> dict:
     from dcgraph.backends.tvm.remote.arm_server import arm_target
 
     ver = subprocess.run([QEMU_DYNAMIC, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    return {**H.versions(), "qemu": ver.replace("qemu-aarch64 version ", ""),
-            "onnxruntime_aarch64": ORT_VERSION, "tvm_target": targets.describe(arm_target())}
+    from .common import machine_info
+
+    return {**H.versions(), "host": machine_info().get("cpu", "?"),
+            "qemu": ver.replace("qemu-aarch64 version ", ""), "onnxruntime_aarch64": ORT_VERSION,
+            "tvm_target": targets.describe(arm_target())}
+
+
+def plot(data: dict, name: str) -> Any:
+    """Per case: each row's instructions / the floor's (ORT's conv alone; at the model level ORT on
+    the BatchNorm model), op and model levels side by side; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    cases = data["cases"]
+    keys = [k for k in (*OP_ROWS, *MODEL_ROWS) if any(k in c["rows"] for c in cases)]
+    keys = list(dict.fromkeys(keys))
+    labels = {**{k: v[0] for k, v in MODEL_ROWS.items()}, **{k: v[0] for k, v in OP_ROWS.items()}}
+    fig, ax = plt.subplots(figsize=(max(8, 0.75 * len(cases) + 3), 4))
+    width = 0.8 / max(1, len(keys))
+    cmap = plt.get_cmap("tab10")
+    for i, k in enumerate(keys):
+        xs, ys = [], []
+        for j, c in enumerate(cases):
+            v = c["rows"].get(k, {}).get("vs_floor")
+            if v:
+                xs.append(j + (i - (len(keys) - 1) / 2) * width)
+                ys.append(v)
+        ax.bar(xs, ys, width, label=labels[k], color=cmap(i % 10),
+               hatch="//" if k.startswith("tvm_") else None, edgecolor="white", linewidth=0.3)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(cases)), [c["case"] for c in cases], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("executed instructions / floor")
+    ax.set_title("emulated aarch64, batch 1: instructions per call over ORT's conv alone "
+                 "(models: over ORT on the BN model); hatched: dcgraph", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = H.save_plot(fig, name)
+    plt.close(fig)
+    return path
 
 
 def run(quick: bool = False, shapes: list[str] | None = None, models: list[str] | None = None,
@@ -366,6 +409,7 @@ def run(quick: bool = False, shapes: list[str] | None = None, models: list[str] 
     if write:
         name = H.stem("arm", quick)
         write_results(name, data, md)
-        data["files"] = [f"{name}.json", f"{name}.md"]
+        png = plot(data, name)
+        data["files"] = [f"{name}.json", f"{name}.md"] + ([png.name] if png else [])
     data["markdown"] = md
     return data
