@@ -261,13 +261,16 @@ def count(items: Sequence[Item], counter: Counter | None = None, *, calls: int =
     with tempfile.TemporaryDirectory(prefix="dcgraph-count-") as tmp_:
         tmp = Path(tmp_)
         spec_items = []
+        saved: dict[int, str] = {}  # an array several items share (a kernel's candidates) is saved once
         for i, it in enumerate(items):
             if it.kind not in KINDS:
                 raise ValueError(f"item {it.name!r}: kind must be one of {', '.join(KINDS)}, got {it.kind!r}")
             paths = []
             for j, a in enumerate(it.inputs):
-                np.save(tmp / f"in{i}_{j}.npy", np.ascontiguousarray(a))
-                paths.append(str(tmp / f"in{i}_{j}.npy"))
+                if id(a) not in saved:
+                    saved[id(a)] = str(tmp / f"in{i}_{j}.npy")
+                    np.save(saved[id(a)], np.ascontiguousarray(a))
+                paths.append(saved[id(a)])
             spec_items.append({"name": it.name, "kind": it.kind, "path": str(Path(it.path).absolute()),
                                "inputs": paths, "entry": it.entry,
                                "save": str(tmp / f"out{i}.npy") if outputs is not None else None})

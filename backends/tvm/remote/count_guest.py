@@ -85,7 +85,7 @@ def main() -> None:
         mark(label + 1)
         gc.enable()
     for i, item in enumerate(spec["items"]):
-        arrays = [np.load(p) for p in item["inputs"]]
+        arrays = [np.load(p) for p in item["inputs"]]  # a copy per item: kernels write their outputs
         call, shape = {"tvm": _tvm, "tvm_func": _tvm_func, "ort": _ort}[item["kind"]](item, arrays)
         out = call()  # the first call: its output is the one checked; then the warm-up calls
         if item.get("save"):
