@@ -194,24 +194,17 @@ def _rows(counts: dict, outputs: dict, case: str, wants: dict, macs: float, row_
 
 
 def _count_all(cases: list[tuple[str, dict, dict, np.ndarray, float]], progress: bool) -> tuple[dict, dict]:
+    import os
     import tempfile
-    from pathlib import Path
 
-    from dcgraph.backends.tvm.remote.arm_count import Item, count
-    from dcgraph.backends.tvm.remote.arm_server import cross_compiler
+    from dcgraph.backends.tvm.remote.arm_count import count, object_items
 
     outputs: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="dcgraph-bench-arm-") as tmp:
         items = []
-        for case, objects, _, x, _ in cases:
-            for key, obj in objects.items():
-                path = Path(tmp) / f"{case.replace('/', '_')}-{key}"
-                if hasattr(obj, "export_library"):
-                    obj.export_library(str(path) + ".so", fcompile=cross_compiler())
-                    items.append(Item(f"{case}/{key}", "tvm", str(path) + ".so", [x]))
-                else:
-                    Path(str(path) + ".onnx").write_bytes(obj.SerializeToString())
-                    items.append(Item(f"{case}/{key}", "ort", str(path) + ".onnx", [x]))
+        for i, (case, objects, _, x, _) in enumerate(cases):
+            os.mkdir(where := f"{tmp}/{i}")
+            items += object_items({f"{case}/{key}": obj for key, obj in objects.items()}, [x], where)
         bar = None
         if progress:
             from tqdm import tqdm

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import EmulationUnavailable
-from .arm_root import ArmRoot, _locked, _oneline, ensure_arm_root
+from .arm_root import PY_VERSION, QEMU_CPU, ArmRoot, _locked, _oneline, apt_install, ensure_arm_root
 
 __all__ = ["CLASSES", "ORT_VERSION", "Counter", "Counts", "Item", "count", "ensure_counter"]
 
@@ -119,7 +119,7 @@ class Counter:
         root = self.arm_root.root
         return {
             "PATH": "/usr/bin:/bin", "HOME": str(root), "LANG": "C", "PYTHONHASHSEED": "0",
-            "QEMU_LD_PREFIX": str(root), "QEMU_CPU": "cortex-a72",
+            "QEMU_LD_PREFIX": str(root), "QEMU_CPU": QEMU_CPU,
             "QEMU_PLUGIN": f"file={self.plugin},out={out}",
             "PYTHONPATH": f"{root / 'lib-dcgraph'}:{root / 'site-packages'}:{self.ort_site}",
             "PYTHONNOUSERSITE": "1", "TVM_USE_RUNTIME_LIB": "1",
@@ -128,27 +128,19 @@ class Counter:
         }
 
     def command(self, *args: str) -> list[str]:
-        return [str(self.qemu), str(self.arm_root.root / "usr" / "bin" / "python3.11"), *args]
+        return [str(self.qemu), str(self.arm_root.root / "usr" / "bin" / f"python{PY_VERSION}"), *args]
 
 
 def _install_qemu(say: Progress) -> Path:
     found = shutil.which(QEMU_DYNAMIC)
-    if found:
-        return Path(found)
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        raise EmulationUnavailable(f"{QEMU_DYNAMIC} (Debian package {QEMU_PACKAGE}) is missing: "
-                                   f"apt-get install {QEMU_PACKAGE} (as root)")
-    say(f"host: apt-get install {QEMU_PACKAGE} (qemu-user with plugin support)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", QEMU_PACKAGE]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    if res.returncode != 0:
-        subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=900)
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    found = shutil.which(QEMU_DYNAMIC)
-    if res.returncode != 0 or not found:
-        why = _oneline(res.stderr or res.stdout)
-        raise EmulationUnavailable(f"apt-get install {QEMU_PACKAGE} failed: {why}")
+    if found is None:
+        try:
+            apt_install([QEMU_PACKAGE], say)
+        except EmulationUnavailable as exc:
+            raise EmulationUnavailable(f"{QEMU_DYNAMIC} (plugin-capable qemu) missing and {exc}") from None
+        found = shutil.which(QEMU_DYNAMIC)
+    if found is None:
+        raise EmulationUnavailable(f"{QEMU_DYNAMIC} still missing after apt-get install {QEMU_PACKAGE}")
     return Path(found)
 
 
@@ -178,8 +170,8 @@ def _install_ort(dest: Path, say: Progress) -> Path:
     say(f"arm64: pip install onnxruntime=={ORT_VERSION} (manylinux aarch64 wheel)")
     tmp = Path(tempfile.mkdtemp(prefix=".ort-", dir=dest))
     cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--no-deps",
-           "--progress-bar", "off", "--target", str(tmp), "--only-binary=:all:", "--python-version", "3.11",
-           "--implementation", "cp", "--platform", "manylinux_2_28_aarch64",
+           "--progress-bar", "off", "--target", str(tmp), "--only-binary=:all:",
+           "--python-version", PY_VERSION, "--implementation", "cp", "--platform", "manylinux_2_28_aarch64",
            "--platform", "manylinux_2_27_aarch64", f"onnxruntime=={ORT_VERSION}"]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PIP_USER": "0"},
                          timeout=900)
@@ -300,27 +292,33 @@ def _region(marks: dict[str, list[int]], start: int, what: str) -> list[int]:
     return [y - x for x, y in zip(a, b, strict=True)]
 
 
-def count_objects(objects: dict[str, Any], inputs: Sequence[np.ndarray], counter: Counter | None = None,
-                  **kw: Any) -> dict[str, Counts]:
-    """:func:`count` for objects in memory: each value is a TVM Relax executable built for
-    aarch64 (exported here with the cross gcc) or an ``onnx.ModelProto``; all take ``inputs``."""
+def object_items(objects: dict[str, Any], inputs: Sequence[np.ndarray], directory: str | os.PathLike
+                 ) -> list[Item]:
+    """Items for objects in memory, written into ``directory``: each value a TVM Relax executable
+    built for aarch64 (exported with the cross gcc) or an ``onnx.ModelProto``; all take ``inputs``."""
     from .arm_server import cross_compiler
 
-    with tempfile.TemporaryDirectory(prefix="dcgraph-count-lib-") as tmp_:
-        items = []
-        for i, (name, obj) in enumerate(objects.items()):
-            if hasattr(obj, "export_library"):
-                path = Path(tmp_) / f"lib{i}.so"
-                obj.export_library(str(path), fcompile=cross_compiler())
-                items.append(Item(name, "tvm", str(path), inputs))
-            elif hasattr(obj, "SerializeToString"):
-                path = Path(tmp_) / f"model{i}.onnx"
-                path.write_bytes(obj.SerializeToString())
-                items.append(Item(name, "ort", str(path), inputs))
-            else:
-                raise TypeError(f"{name!r}: expected a TVM executable or an onnx.ModelProto, "
-                                f"got {type(obj).__name__}")
-        return count(items, counter, **kw)
+    items = []
+    for i, (name, obj) in enumerate(objects.items()):
+        if hasattr(obj, "export_library"):
+            path = Path(directory) / f"lib{i}.so"
+            obj.export_library(str(path), fcompile=cross_compiler())
+            items.append(Item(name, "tvm", str(path), inputs))
+        elif hasattr(obj, "SerializeToString"):
+            path = Path(directory) / f"model{i}.onnx"
+            path.write_bytes(obj.SerializeToString())
+            items.append(Item(name, "ort", str(path), inputs))
+        else:
+            raise TypeError(f"{name!r}: expected a TVM executable or an onnx.ModelProto, "
+                            f"got {type(obj).__name__}")
+    return items
+
+
+def count_objects(objects: dict[str, Any], inputs: Sequence[np.ndarray], counter: Counter | None = None,
+                  **kw: Any) -> dict[str, Counts]:
+    """:func:`count` for objects in memory (:func:`object_items`)."""
+    with tempfile.TemporaryDirectory(prefix="dcgraph-count-lib-") as tmp:
+        return count(object_items(objects, inputs, tmp), counter, **kw)
 
 
 def kernel_items(mod: Any, target: Any, directory: str | os.PathLike, prefix: str = "") -> list[Item]:

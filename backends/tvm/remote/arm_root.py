@@ -124,20 +124,17 @@ def _host_tools_missing() -> list[str]:
     return missing
 
 
-def _ensure_host_tools(progress: Progress) -> None:
-    """qemu-user-static and the aarch64 cross gcc on the host, installed with apt if missing."""
-    missing = _host_tools_missing()
-    if not missing:
-        return
-    hint = "install " + " ".join(HOST_PACKAGES)
+def apt_install(packages: Sequence[str], progress: Progress) -> None:
+    """``apt-get install`` host packages (root only; one ``apt-get update`` and a retry if the
+    first try fails). Raises :class:`EmulationUnavailable` with the reason."""
+    hint = "install " + " ".join(packages)
     if shutil.which("apt-get") is None:
-        raise EmulationUnavailable(f"{', '.join(missing)} missing and apt-get is not available: {hint}")
+        raise EmulationUnavailable(f"apt-get is not available: {hint}")
     if os.geteuid() != 0:
-        raise EmulationUnavailable(f"{', '.join(missing)} missing and not root (apt-get needs root): "
-                                   f"sudo apt-get {hint}")
-    install = ["apt-get", "install", "-y", "--no-install-recommends", *HOST_PACKAGES]
+        raise EmulationUnavailable(f"not root (apt-get needs root): sudo apt-get {hint}")
+    install = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    progress(f"host: apt-get install {' '.join(HOST_PACKAGES)}")
+    progress(f"host: apt-get install {' '.join(packages)}")
     res = _run(install, env=env)
     if res.returncode != 0:
         progress("host: install failed, running apt-get update and retrying")
@@ -145,8 +142,19 @@ def _ensure_host_tools(progress: Progress) -> None:
         res = _run(install, env=env)
         if res.returncode != 0:
             reason = _oneline(res.stderr or res.stdout) or _oneline(upd.stderr)
-            raise EmulationUnavailable(f"apt-get install {' '.join(HOST_PACKAGES)} failed "
+            raise EmulationUnavailable(f"apt-get install {' '.join(packages)} failed "
                                        f"(network or apt sources?): {reason}")
+
+
+def _ensure_host_tools(progress: Progress) -> None:
+    """qemu-user-static and the aarch64 cross gcc on the host, installed with apt if missing."""
+    missing = _host_tools_missing()
+    if not missing:
+        return
+    try:
+        apt_install(HOST_PACKAGES, progress)
+    except EmulationUnavailable as exc:
+        raise EmulationUnavailable(f"{', '.join(missing)} missing and {exc}") from None
     still = _host_tools_missing()
     if still:
         raise EmulationUnavailable(f"still missing after apt-get install: {', '.join(still)}")

@@ -42,7 +42,7 @@ def _tvm(item: dict, arrays: list):
         out = fn(*args)
         return out[0] if not hasattr(out, "shape") else out
 
-    return call, lambda out: list(out.shape)
+    return call
 
 
 def _tvm_func(item: dict, arrays: list):
@@ -56,7 +56,7 @@ def _tvm_func(item: dict, arrays: list):
         fn(*args)
         return args[-1]
 
-    return call, lambda out: list(out.shape)
+    return call
 
 
 def _ort(item: dict, arrays: list):
@@ -69,7 +69,7 @@ def _ort(item: dict, arrays: list):
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(item["path"], so, providers=["CPUExecutionProvider"])
     feed = {i.name: a for i, a in zip(sess.get_inputs(), arrays, strict=True)}
-    return (lambda: sess.run(None, feed)[0]), lambda out: list(out.shape)
+    return lambda: sess.run(None, feed)[0]
 
 
 def main() -> None:
@@ -86,11 +86,11 @@ def main() -> None:
         gc.enable()
     for i, item in enumerate(spec["items"]):
         arrays = [np.load(p) for p in item["inputs"]]  # a copy per item: kernels write their outputs
-        call, shape = {"tvm": _tvm, "tvm_func": _tvm_func, "ort": _ort}[item["kind"]](item, arrays)
+        call = {"tvm": _tvm, "tvm_func": _tvm_func, "ort": _ort}[item["kind"]](item, arrays)
         out = call()  # the first call: its output is the one checked; then the warm-up calls
         if item.get("save"):
             np.save(item["save"], out.numpy() if hasattr(out, "numpy") else np.asarray(out))
-        shapes = shape(out)
+        shapes = list(out.shape)
         del out
         for _ in range(spec["warmup"]):
             call()

@@ -30,7 +30,7 @@ from .. import targets as targets_
 from ..database import database_dir, fingerprint, open_database, read_choices, workload_key, write_choice
 from ..errors import TuneError
 from ..schedules import knob_space, traced_candidate, traced_default
-from .measure import fixed_inputs
+from .measure import fixed_inputs, mismatch, reference_outputs
 from .report import TaskReport, TuneReport
 
 __all__ = ["MARGIN", "NS_PER_INSTRUCTION", "tune_by_count"]
@@ -39,15 +39,6 @@ __all__ = ["MARGIN", "NS_PER_INSTRUCTION", "tune_by_count"]
 MARGIN = 0.01
 #: the nominal time of one instruction in a record (MetaSchedule's records hold seconds)
 NS_PER_INSTRUCTION = 1.0
-
-
-def _unscheduled_outputs(task_mod: tvm.IRModule, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    """The kernel unscheduled, run here (x86) on ``inputs``: what every candidate must give."""
-    lib = tvm.compile(task_mod, target="llvm")
-    dev = tvm.cpu()
-    args = [tvm.runtime.tensor(a, dev) for a in inputs]
-    lib["main"](*args)
-    return [a.numpy() for a in args]
 
 
 def tune_by_count(tasks: list[Any], tgt: tvm.target.Target, db: Any, report: TuneReport, progress: bool,
@@ -89,7 +80,7 @@ def tune_by_count(tasks: list[Any], tgt: tvm.target.Target, db: Any, report: Tun
         for ti, (task, _tr, _key, points) in enumerate(plans):
             args_info = [a.as_json() for a in ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])]
             inputs = fixed_inputs(args_info)
-            want = _unscheduled_outputs(task.mod, inputs)
+            want = reference_outputs(task, inputs)
             for pi, values in enumerate(points):
                 sch = traced_default(task.mod, tgt) if pi == 0 else traced_candidate(task.mod, tgt, values)
                 path = Path(tmp) / f"t{ti}p{pi}.so"
@@ -108,7 +99,7 @@ def tune_by_count(tasks: list[Any], tgt: tvm.target.Target, db: Any, report: Tun
     for item, (ti, pi, sch, want) in zip(items, owners, strict=True):
         tr = plans[ti][1]
         got = outputs[item.name]
-        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max()):
+        if mismatch([got], [want]) is not None:
             tr.wrong_results += 1
             continue
         per_task.setdefault(ti, []).append((pi, counts[item.name].total, sch))
