@@ -37,16 +37,17 @@ def activation(z: torch.Tensor, act: str, negative_slope: float = 0.01) -> torch
 
 def deep_control(
     y: torch.Tensor, a: torch.Tensor, g: torch.Tensor, b: torch.Tensor,
-    act: str = "identity", negative_slope: float = 0.01,
+    act: str = "identity", negative_slope: float = 0.01, skip: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``act(g * (y - a * mean_S(y)) + b)`` on ``y (N, C, *S)``, written as ``y * g + o[n, c]``."""
+    """``act(g * (y - a * mean_S(y)) + b [+ skip])`` on ``y (N, C, *S)``, written as
+    ``y * g + o[n, c]``."""
     nd = y.dim() - 2
     if nd < 1:
         raise ValueError(f"expected (N, C, *spatial), got shape {tuple(y.shape)}")
     m = y.mean(dim=tuple(range(2, y.dim())))
     o = b - g * a * m
     z = y * g.reshape((1, -1) + (1,) * nd) + o.reshape(o.shape + (1,) * nd)
-    return activation(z, act, negative_slope)
+    return activation(z if skip is None else z + skip, act, negative_slope)
 
 
 def _ntuple(v: int | Sequence[int], nd: int, name: str) -> tuple[int, ...]:
@@ -110,8 +111,10 @@ def conv_deep_control(
     stride: int | Sequence[int] = 1, padding: str | int | Sequence[int] = 0,
     dilation: int | Sequence[int] = 1, groups: int = 1,
     act: str = "identity", negative_slope: float = 0.01, padding_mode: str = "zeros",
+    skip: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``act(DeepControl(conv(x)))`` through the fused op, with ``nn.ConvNd``'s arguments."""
+    """``act(DeepControl(conv(x)) [+ skip])`` through the fused op, with ``nn.ConvNd``'s
+    arguments; ``skip`` (a residual, broadcast to the output) is added before ``act``."""
     nd = x.dim() - 2
     if nd not in (1, 2, 3):
         raise ValueError(f"expected input (N, C, *spatial) with 1-3 spatial dims, got {tuple(x.shape)}")
@@ -119,9 +122,9 @@ def conv_deep_control(
     dilation_t = _ntuple(dilation, nd, "dilation")
     x, pad = explicit_padding(x, weight.shape[2:], stride_t, padding, dilation_t, padding_mode)
     args = (x, weight, bias, a, g, b, list(stride_t), list(pad), list(dilation_t), groups,
-            activations.check(act), float(negative_slope))
-    if not _untraced_eager(x, weight, bias, a, g, b):
+            activations.check(act), float(negative_slope), skip)
+    if not _untraced_eager(x, weight, bias, a, g, b, skip):
         return ops.conv_deep_control_op(*args)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6]):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args[:6], skip)):
         return ops.ConvDeepControlFunction.apply(*args)
     return ops.forward_reduced(*args)

@@ -143,11 +143,12 @@ class _DeepControlConvNd(nn.Module):
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """``act(DeepControl(conv(x)) [+ skip])``: ``skip`` is a residual added before ``act``."""
         _check_rank(self, x, self.spatial_dims)
         return conv_deep_control(
             x, self.weight, self.bias, self.a, self.g, self.b, self.stride, self.padding,
-            self.dilation, self.groups, self.act, self.negative_slope, self.padding_mode)
+            self.dilation, self.groups, self.act, self.negative_slope, self.padding_mode, skip)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

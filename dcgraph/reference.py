@@ -47,14 +47,18 @@ def deep_control(
     b: torch.Tensor,
     act: str = "identity",
     negative_slope: float = 0.01,
+    skip: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Deep Control on a raw conv output ``y`` of shape ``(N, C, *S)``, any number of dims S."""
+    """Deep Control on a raw conv output ``y`` of shape ``(N, C, *S)``, any number of dims S;
+    ``skip`` (a residual, spec section 4a) is added before the activation."""
     if y.dim() < 3:
         raise ValueError(f"expected (N, C, *spatial) with at least one spatial dim, got {tuple(y.shape)}")
     spatial = tuple(range(2, y.dim()))
     shape = (1, -1) + (1,) * len(spatial)
     m = y.mean(dim=spatial, keepdim=True)
     z = g.reshape(shape) * (y - a.reshape(shape) * m) + b.reshape(shape)
+    if skip is not None:
+        z = z + skip
     return activation(z, act, negative_slope)
 
 
@@ -92,7 +96,8 @@ def conv_deep_control(
     act: str = "identity",
     negative_slope: float = 0.01,
     padding_mode: str = "zeros",
+    skip: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``act(DeepControl(conv(x)))``: the semantics of the fused conv block, two plain steps."""
+    """``act(DeepControl(conv(x)) [+ skip])``: the semantics of the fused conv block, two plain steps."""
     y = conv(x, weight, bias, stride, padding, dilation, groups, padding_mode)
-    return deep_control(y, a, g, b, act, negative_slope)
+    return deep_control(y, a, g, b, act, negative_slope, skip)

@@ -66,7 +66,7 @@ class RewriteReport:
         for ln in head:
             if ln == "skipped:":
                 skipping = True
-            if skipping or not ln.startswith("  conv+"):
+            if skipping or not ln.startswith(("  conv+", "  fused+")):
                 out.append(ln)
         return "\n".join(out)
 

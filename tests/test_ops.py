@@ -133,7 +133,7 @@ def test_frozen_parameters_get_no_gradient_and_skip_work(monkeypatch):
 
     def spy(*args):
         grads = original(*args)
-        calls.append((list(args[-1]), [g.numel() for g in grads]))
+        calls.append((list(args[14]), [g.numel() for g in grads]))  # output_mask
         return grads
 
     monkeypatch.setattr(ops, "conv_deep_control_backward_op", spy)
@@ -143,8 +143,8 @@ def test_frozen_parameters_get_no_gradient_and_skip_work(monkeypatch):
     out = _run(ops.conv_deep_control_op, case, t)
     out.sum().backward()
     ((mask, sizes),) = calls
-    assert mask == [True, True, False, False, False, False]
-    assert sizes[0] == x.numel() and sizes[1] == w.numel() and sizes[2:] == [0, 0, 0, 0]
+    assert mask == [True, True, False, False, False, False, False]
+    assert sizes[0] == x.numel() and sizes[1] == w.numel() and sizes[2:] == [0, 0, 0, 0, 0]
     assert x.grad is not None and w.grad is not None
     # and with a learning, its gradient is computed (and only then)
     calls.clear()
@@ -152,7 +152,7 @@ def test_frozen_parameters_get_no_gradient_and_skip_work(monkeypatch):
     a = t["a"].requires_grad_()
     _run(ops.conv_deep_control_op, case, t).sum().backward()
     ((mask, sizes),) = calls
-    assert mask == [False, False, False, True, False, False] and sizes[3] == a.numel()
+    assert mask == [False, False, False, True, False, False, False] and sizes[3] == a.numel()
     assert a.grad is not None and bool(torch.isfinite(a.grad).all())
 
 
@@ -234,7 +234,9 @@ def test_bad_input_is_a_clear_error(bad, message):
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_eager_function_path_equals_op_path(case):
     """functional.conv_deep_control trains through ops.ConvDeepControlFunction in plain eager
-    mode; it must give exactly what the registered op's autograd gives."""
+    mode; it must give what the registered op's autograd gives: the output bit for bit, the
+    gradients to float64 rounding (the eager path keeps the forward's map means for ``da``, the
+    op's path recomputes them by hoisting)."""
     from dcgraph import functional as DF
 
     names = ["x", "weight", "bias", "a", "g", "b"]
@@ -255,7 +257,7 @@ def test_eager_function_path_equals_op_path(case):
     (o1, g1), (o2, g2) = runs
     torch.testing.assert_close(o1, o2, rtol=0, atol=0)
     for a, b in zip(g1, g2, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_gradcheck_through_the_module():

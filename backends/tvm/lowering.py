@@ -124,17 +124,45 @@ def choose_plan(w: relax.Expr, groups: int, x: relax.Expr | None = None,
     return "hoisted"
 
 
+def activation_expr(z: relax.Expr, act: str, negative_slope: float = 0.01) -> relax.Expr:
+    """``act(z)`` as the plain Relax ops TVM's importers write (which the fusion passes read)."""
+    op = relax.op
+    if act == "identity":
+        return z
+    if act == "relu":
+        return op.nn.relu(z)
+    if act == "relu6":
+        return op.clip(z, relax.prim_value(0.0), relax.prim_value(6.0))
+    if act == "silu":
+        return op.nn.silu(z)
+    if act == "leaky_relu":
+        return op.nn.leakyrelu(z, negative_slope)
+    if act == "hardswish":
+        return op.divide(op.multiply(z, op.clip(op.add(z, relax.const(3.0, "float32")), relax.prim_value(0.0),
+                                                relax.prim_value(6.0))), relax.const(6.0, "float32"))
+    raise ValueError(f"no plain Relax spelling for activation {act!r}")
+
+
 def emit_conv_deep_control(
     bb: relax.BlockBuilder, x: relax.Expr, w: relax.Expr, bias: relax.Expr | None,
     a: relax.Expr, g: relax.Expr, b: relax.Expr, *,
     stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
     dilation: int | Sequence[int] = 1, groups: int = 1,
     act: str = "identity", negative_slope: float = 0.01, plan: str | None = None,
+    skip: relax.Expr | None = None,
 ) -> relax.Var:
-    """Emit ``act(g * (y - a * mean_S(y)) + b)`` for ``y = conv(x, w) + bias``; returns the output var.
+    """Emit ``act(g * (y - a * mean_S(y)) + b [+ skip])`` for ``y = conv(x, w) + bias``; returns
+    the output var.
 
-    ``plan``: this call's plan; None (the frontends' way) takes :func:`current_options`'s."""
+    ``plan``: this call's plan; None (the frontends' way) takes :func:`current_options`'s. A
+    residual ``skip`` becomes the Relax ``add`` and activation that the unfused graph has, which
+    the pipeline fuses into the conv kernel's epilogue as before."""
     check_act(act)
+    if skip is not None:
+        out = emit_conv_deep_control(bb, x, w, bias, a, g, b, stride=stride, padding=padding,
+                                     dilation=dilation, groups=groups, plan=plan)
+        z = bb.emit(relax.op.add(out, skip))
+        return z if act == "identity" else bb.emit(activation_expr(z, act, negative_slope))
     plan = LoweringOptions(plan).plan if plan is not None else current_options().plan
     nd = len(x.ty.shape) - 2
     if nd not in (1, 2, 3):

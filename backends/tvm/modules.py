@@ -21,7 +21,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .lowering import emit_conv_deep_control
+from .lowering import activation_expr, emit_conv_deep_control
 
 KINDS = ("fused", "plain", "conv")
 
@@ -43,19 +43,7 @@ def emit_plain_deep_control(bb: relax.BlockBuilder, y: relax.Expr, a: relax.Expr
     a, g, b = (op.reshape(v, col) for v in (a, g, b))
     m = op.mean(y, axis=list(range(2, rank)), keepdims=True)
     z = op.add(op.multiply(op.subtract(y, op.multiply(m, a)), g), b)
-    if act == "relu":
-        z = op.nn.relu(z)
-    elif act == "relu6":
-        z = op.clip(z, relax.prim_value(0.0), relax.prim_value(6.0))
-    elif act == "silu":
-        z = op.nn.silu(z)
-    elif act == "leaky_relu":
-        z = op.nn.leakyrelu(z, negative_slope)
-    elif act == "hardswish":
-        z = op.divide(op.multiply(z, op.clip(op.add(z, relax.const(3.0, "float32")), relax.prim_value(0.0),
-                                             relax.prim_value(6.0))), relax.const(6.0, "float32"))
-    elif act != "identity":
-        raise ValueError(f"no plain Relax spelling for activation {act!r}")
+    z = activation_expr(z, act, negative_slope)
     return bb.emit(z)
 
 

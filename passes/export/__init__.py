@@ -18,6 +18,7 @@ from torch.export import ExportedProgram
 
 from ..fx.convert_norm import convert_norms
 from ..fx.fuse_deep_control import fuse_deep_control
+from ..fx.fuse_residual import fuse_residual
 from ..fx.graph import finish
 from ..report import RewriteReport
 from ..verify import verify
@@ -25,7 +26,8 @@ from ..verify import verify
 
 def rewrite_exported(
     ep: ExportedProgram, init: str = "preserve", *, fuse_blocks: bool = True,
-    convert_norms_too: bool = True, learn_a: bool = True, dynamic_shapes: Any = None,
+    convert_norms_too: bool = True, residual: bool = True, learn_a: bool = True,
+    dynamic_shapes: Any = None,
     verify_result: bool = False, rtol: float = 1e-5,
 ) -> tuple[ExportedProgram, RewriteReport]:
     """Rewrite an exported program and export the result again with the same example inputs.
@@ -42,6 +44,8 @@ def rewrite_exported(
         convert_norms(gm, report, init, learn_a)
     if fuse_blocks:
         fuse_deep_control(gm, report)
+        if residual:
+            fuse_residual(gm, report)
     finish(gm)
     args, kwargs = ep.example_inputs
     new_ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes)

@@ -15,6 +15,7 @@ from ..report import RewriteReport
 from ..verify import verify
 from .convert_norm import INITS, ApproximateConversionWarning, convert_norms
 from .fuse_deep_control import fuse_deep_control
+from .fuse_residual import fuse_residual
 from .graph import TraceFailure, finish, trace
 
 
@@ -27,24 +28,29 @@ def convert(model: nn.Module, init: str = "preserve", *, learn_a: bool = True,
     return finish(gm), report
 
 
-def fuse(model: nn.Module, *, report: RewriteReport | None = None
+def fuse(model: nn.Module, *, residual: bool = True, report: RewriteReport | None = None
          ) -> tuple[fx.GraphModule, RewriteReport]:
-    """``conv -> Deep Control [-> act]`` becomes one ``DeepControlConvNd``."""
+    """``conv -> Deep Control [-> act]`` becomes one ``DeepControlConvNd``; with ``residual``,
+    a following ``+ skip [-> act]`` joins it (the fused block called with ``skip``)."""
     report = report if report is not None else RewriteReport()
     gm = trace(model)
     fuse_deep_control(gm, report)
+    if residual:
+        fuse_residual(gm, report)
     return finish(gm), report
 
 
 def rewrite(model: nn.Module, init: str = "preserve", *, fuse_blocks: bool = True,
-            learn_a: bool = True, verify_inputs: Sequence[torch.Tensor] | None = None,
+            residual: bool = True, learn_a: bool = True,
+            verify_inputs: Sequence[torch.Tensor] | None = None,
             rtol: float = 1e-5) -> tuple[fx.GraphModule, RewriteReport]:
-    """Convert, then fuse; with ``verify_inputs``, check the result against ``model`` (all
-    exact) or the fusion against the conversion (when some conversions are approximate)."""
+    """Convert, then fuse (residual tails too, unless ``residual=False``); with
+    ``verify_inputs``, check the result against ``model`` (all exact) or the fusion against
+    the conversion (when some conversions are approximate)."""
     converted, report = convert(model, init, learn_a=learn_a)
     result = converted
     if fuse_blocks:
-        result, _ = fuse(converted, report=report)
+        result, _ = fuse(converted, residual=residual, report=report)
     if verify_inputs is not None:
         if report.exact:
             verify(model, result, verify_inputs, rtol)
@@ -53,4 +59,5 @@ def rewrite(model: nn.Module, init: str = "preserve", *, fuse_blocks: bool = Tru
     return result, report
 
 
-__all__ = ["INITS", "ApproximateConversionWarning", "TraceFailure", "convert", "fuse", "rewrite", "trace"]
+__all__ = ["INITS", "ApproximateConversionWarning", "TraceFailure", "convert", "fuse", "fuse_residual",
+           "rewrite", "trace"]

@@ -31,7 +31,7 @@ def convert_conv_deep_control(node: fx.Node, importer: Any) -> tvm.relax.Var:
     :func:`..lowering.options`)."""
     args = importer.retrieve_args(node)
     names = ("x", "weight", "bias", "a", "g", "b", "stride", "padding", "dilation", "groups",
-             "act", "negative_slope")
+             "act", "negative_slope", "skip")
     values = dict(zip(names, args, strict=False))
     for k, v in node.kwargs.items():
         values[k] = importer.env[v] if isinstance(v, fx.Node) else v
@@ -39,7 +39,7 @@ def convert_conv_deep_control(node: fx.Node, importer: Any) -> tvm.relax.Var:
         importer.block_builder, values["x"], values["weight"], values["bias"], values["a"],
         values["g"], values["b"], stride=values["stride"], padding=values["padding"],
         dilation=values["dilation"], groups=values["groups"], act=values["act"],
-        negative_slope=values["negative_slope"])
+        negative_slope=values["negative_slope"], skip=values.get("skip"))
 
 
 def from_torch(program: torch.export.ExportedProgram) -> tvm.IRModule:
