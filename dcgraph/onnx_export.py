@@ -28,10 +28,15 @@ _dcgraph = onnxscript.values.Opset(onnx_ops.DOMAIN, onnx_ops.VERSION)
 
 
 def _conv_deep_control(x, weight, bias, a, g, b, stride, padding, dilation, groups, act,
-                       negative_slope):
-    """Translation of ``dcgraph::conv_deep_control`` (an onnxscript function, traced)."""
+                       negative_slope, skip=None):
+    """Translation of ``dcgraph::conv_deep_control`` (an onnxscript function, traced); with a
+    residual, ``DeepControlConvAdd``."""
     if bias is None:
         bias = op.Sub(b, b)  # zeros of the conv's output-channel shape and dtype
+    if skip is not None:
+        return _dcgraph.DeepControlConvAdd(
+            x, weight, bias, a, g, b, skip, strides=list(stride), pads=list(padding) * 2,
+            dilations=list(dilation), group=groups, activation=act, alpha=negative_slope)
     return _dcgraph.DeepControlConv(
         x, weight, bias, a, g, b, strides=list(stride), pads=list(padding) * 2,
         dilations=list(dilation), group=groups, activation=act, alpha=negative_slope)

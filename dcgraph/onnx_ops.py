@@ -1,10 +1,12 @@
 """Deep Control in ONNX: the ``ai.dcgraph`` domain, its operators as model-local functions.
 
-Two operators, version 1 of domain ``ai.dcgraph``:
+Three operators, version 1 of domain ``ai.dcgraph``:
 
 - ``DeepControl(Y, A, G, Bo) -> Z``: Deep Control on a conv output ``Y (N, C, *S)``.
 - ``DeepControlConv(X, W, B, A, G, Bo) -> Z``: ``act(DeepControl(Conv(X, W, B)))`` with Conv's
   attributes ``strides``, ``pads``, ``dilations``, ``group``.
+- ``DeepControlConvAdd(X, W, B, A, G, Bo, Skip) -> Z``: the residual tail (spec section 4a),
+  ``act(DeepControl(Conv(X, W, B)) + Skip)``, ``Skip`` broadcast like ``Add``.
 
 Both take ``activation`` (identity, relu, relu6, leaky_relu, hardswish, silu) and ``alpha``
 (leaky_relu's slope). Each is shipped in the model as an ONNX function whose body is
@@ -70,7 +72,7 @@ def _activation_nodes(act: str, z: str, out: str) -> list[NodeProto]:
     raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
 
 
-def _deep_control_nodes(y: str, act: str, opset: int) -> list[NodeProto]:
+def _deep_control_nodes(y: str, act: str, opset: int, skip: str | None = None) -> list[NodeProto]:
     if opset >= 18:  # axes became an input in opset 18
         mean = [_const("axis2", [2]), h.make_node("ReduceMean", ["yf", "axis2"], ["m"], keepdims=1)]
     else:
@@ -88,7 +90,8 @@ def _deep_control_nodes(y: str, act: str, opset: int) -> list[NodeProto]:
         h.make_node("Add", ["gd", "b2"], ["zf"]),
         h.make_node("Shape", [y], ["y_shape"]),
         h.make_node("Reshape", ["zf", "y_shape"], ["z"]),
-        *_activation_nodes(act, "z", "Z"),
+        *([h.make_node("Add", ["z", skip], ["zs"])] if skip else []),
+        *_activation_nodes(act, "zs" if skip else "z", "Z"),
     ]
 
 
@@ -116,7 +119,22 @@ def deep_control_conv_function(act: str, opset: int = BODY_OPSET) -> FunctionPro
     return f
 
 
-_BUILDERS = {"DeepControl": deep_control_function, "DeepControlConv": deep_control_conv_function}
+def deep_control_conv_add_function(act: str, opset: int = BODY_OPSET) -> FunctionProto:
+    """``DeepControlConvAdd`` (the residual tail) with activation ``act``, body in opset ``opset``."""
+    conv = h.make_node("Conv", ["X", "W", "B"], ["Y"])
+    conv.attribute.extend([_ref("strides", AttributeProto.INTS), _ref("pads", AttributeProto.INTS),
+                           _ref("dilations", AttributeProto.INTS), _ref("group", AttributeProto.INT)])
+    nodes = [conv, *_deep_control_nodes("Y", act, opset, skip="Skip")]
+    f = h.make_function(DOMAIN, "DeepControlConvAdd", ["X", "W", "B", "A", "G", "Bo", "Skip"], ["Z"],
+                        nodes, [h.make_opsetid("", opset)],
+                        attributes=[*CONV_ATTRS, "activation", "alpha"])
+    f.overload = act
+    f.doc_string = f"Conv + Deep Control + residual add + {act}, fused (arXiv 1706.03907)."
+    return f
+
+
+_BUILDERS = {"DeepControl": deep_control_function, "DeepControlConv": deep_control_conv_function,
+             "DeepControlConvAdd": deep_control_conv_add_function}
 
 
 def node_activation(node: NodeProto) -> str:
@@ -188,7 +206,9 @@ def register_schemas() -> None:
     conv = [("strides", at.INTS), ("pads", at.INTS), ("dilations", at.INTS), ("group", at.INT)]
     for schema in (_schema("DeepControl", ["Y", "A", "G", "Bo"], act),
                    _schema("DeepControlConv", ["X", "W", "B", "A", "G", "Bo"], conv + act,
-                           optional=("B",))):  # the conv bias may be absent (input name "")
+                           optional=("B",)),  # the conv bias may be absent (input name "")
+                   _schema("DeepControlConvAdd", ["X", "W", "B", "A", "G", "Bo", "Skip"], conv + act,
+                           optional=("B",))):
         if onnx.defs.has(schema.name, VERSION, DOMAIN):
             continue
         onnx.defs.register_schema(schema)

@@ -18,7 +18,7 @@ from onnxscript.rewriter import RewriteRuleSet
 from dcgraph import onnx_ops
 
 from ..report import RewriteReport
-from . import convert_norm, fuse_deep_control
+from . import convert_norm, fuse_deep_control, fuse_residual
 from .common import Recorder
 
 _NORM_OPS = {"BatchNormalization": "batchnorm", "InstanceNormalization": "instancenorm",
@@ -54,8 +54,9 @@ def _leftovers(model: ir.Model, rec: Recorder) -> None:
 
 
 def rewrite_onnx(model: onnx.ModelProto, init: str = "preserve", *, fuse: bool = True,
-                 ) -> tuple[onnx.ModelProto, RewriteReport]:
-    """Rewrite ``model`` (not modified); returns the new model and the report."""
+                 residual: bool = True) -> tuple[onnx.ModelProto, RewriteReport]:
+    """Rewrite ``model`` (not modified); returns the new model and the report. ``residual``:
+    also fold residual tails (``Add`` + activation) into ``DeepControlConvAdd``."""
     if init not in ("preserve", "fresh"):
         raise ValueError(f"init={init!r}; expected preserve or fresh")
     notes = []
@@ -75,6 +76,8 @@ def rewrite_onnx(model: onnx.ModelProto, init: str = "preserve", *, fuse: bool =
     RewriteRuleSet(convert_norm.rules(init, rec), commute=True).apply_to_model(ir_model)
     if fuse:
         RewriteRuleSet(fuse_deep_control.rules(rec), commute=True).apply_to_model(ir_model)
+        if residual:
+            RewriteRuleSet(fuse_residual.rules(rec), commute=True).apply_to_model(ir_model)
     for p in (common_passes.RemoveUnusedNodesPass(), common_passes.RemoveUnusedFunctionsPass(),
               common_passes.RemoveUnusedOpsetsPass()):
         p(ir_model)

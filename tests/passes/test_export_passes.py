@@ -21,7 +21,8 @@ def test_rewrite_exported_resnet_dynamic_batch_save_load(tmp_path):
     ep = torch.export.export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes=({0: batch},))
     assert torch.ops.aten.batch_norm.default in _ops(ep)
     new_ep, report = rewrite_exported(ep, dynamic_shapes=({0: batch},), verify_result=True)
-    assert report.counts == {"conv+batchnorm->deep_control": 20, "conv+deep_control->fused": 20}
+    assert report.counts == {"conv+batchnorm->deep_control": 20, "conv+deep_control->fused": 20,
+                             "fused+residual->fused": 8}  # ResNet-18's 8 basic blocks
     targets = _ops(new_ep)
     assert targets.count(OP) == 20 and torch.ops.aten.batch_norm.default not in targets
     path = tmp_path / "resnet_dc.pt2"

@@ -192,6 +192,12 @@ def test_negative_cases_left_alone_and_reported():
     assert onnx_tools.compare(model, out) <= 1e-6
 
 
+def _residual_tails(proto) -> int:
+    """Adds that take a BatchNormalization output: the residual tails, read off the original."""
+    bn_outputs = {o for n in proto.graph.node if n.op_type == "BatchNormalization" for o in n.output}
+    return sum(1 for n in proto.graph.node if n.op_type == "Add" and bn_outputs & set(n.input))
+
+
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet", "vgg"])
 def test_zoo_exported_with_batchnorm_then_rewritten(name):
     factory, shape = zoo.MODELS[name]
@@ -200,8 +206,13 @@ def test_zoo_exported_with_batchnorm_then_rewritten(name):
     pairs = {"resnet18": 20, "mobilenet_v2": 16, "efficientnet": 11, "vgg": 6}[name]
     assert _ops(proto).count("BatchNormalization") == pairs
     out, report = rewrite_onnx(proto)
-    _assert_rewritten(proto, out, report, {"conv+batchnorm->deep_control": pairs,
-                                           "conv+deep_control->fused": pairs})
+    counts = {"conv+batchnorm->deep_control": pairs, "conv+deep_control->fused": pairs}
+    tails = _residual_tails(proto)
+    assert tails == {"resnet18": 8, "mobilenet_v2": tails, "efficientnet": tails, "vgg": 0}[name]
+    if tails:
+        counts["fused+residual->fused"] = tails
+    _assert_rewritten(proto, out, report, counts)
+    assert _ops(out).count("DeepControlConvAdd") == tails
     again, report2 = rewrite_onnx(out)
     assert not report2.matches and _ops(again) == _ops(out)
 
@@ -213,7 +224,8 @@ def test_round_trips_agree_with_torch():
         expected = model(x).numpy()
     fused, _ = rewrite(model)  # torch passes, then export the custom op
     via_torch = export_onnx(fused, x[:1])
-    assert _ops(via_torch).count("DeepControlConv") == 20
+    assert _ops(via_torch).count("DeepControlConv") == 12  # and ResNet-18's 8 basic-block tails:
+    assert _ops(via_torch).count("DeepControlConvAdd") == 8
     via_onnx, _ = rewrite_onnx(export_onnx(model, x[:1]))  # export BN, then ONNX passes
     for proto in (via_torch, via_onnx):
         onnx_ops.check(proto)

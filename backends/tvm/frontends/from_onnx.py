@@ -13,6 +13,7 @@ The operators (domain ``ai.dcgraph``, version 1, see :mod:`dcgraph.onnx_ops`)::
 
     DeepControlConv(X, W, B, A, G, Bo):  y = Conv(X, W, B);  Z = act(G * (y - A * mean_S(y)) + Bo)
     DeepControl(Y, A, G, Bo):            Z = act(G * (Y - A * mean_S(Y)) + Bo)
+    DeepControlConvAdd(X, W, B, A, G, Bo, Skip):  DeepControlConv's Z with act(... + Skip)
 
 ``DeepControlConv`` becomes dcgraph's fused kernels (:func:`..lowering.emit_conv_deep_control`,
 the mean hoisted to the input); ``DeepControl`` becomes the two-pass kernel
@@ -93,7 +94,7 @@ def parse_attrs(op_type: str, name: str, attrs: Mapping[str, Any], overload: str
     """Validate ``attrs`` of an ``ai.dcgraph`` node; raise ``ValueError`` naming it if unsupported."""
     where = _where(op_type, name)
     attrs = {k: _plain(v) for k, v in attrs.items() if k != "tvm_custom"}
-    allowed = _ACT_ATTRS | (_CONV_ATTRS if op_type == "DeepControlConv" else set())
+    allowed = _ACT_ATTRS | (_CONV_ATTRS if op_type.startswith("DeepControlConv") else set())
     unknown = sorted(set(attrs) - allowed)
     if unknown:
         raise OnnxFrontendError(f"{where}: unknown attribute(s) {unknown}; {op_type} takes {sorted(allowed)}")
@@ -171,13 +172,19 @@ def _is_zero_const(expr: relax.Expr) -> bool:
 # ------------------------------------------------------------------ the two converters
 
 def convert_deep_control_conv(bb: relax.BlockBuilder, inputs: Sequence[relax.Expr | None],
-                              attr: Mapping[str, Any]) -> relax.Expr:
-    """``DeepControlConv(X, W, B, A, G, Bo)`` -> dcgraph's fused kernels (B may be absent)."""
-    where = _where("DeepControlConv", _node_name(attr))
-    spec = parse_attrs("DeepControlConv", _node_name(attr), attr)
-    if len(inputs) != 6:
-        raise OnnxFrontendError(f"{where}: expected 6 inputs (X, W, B, A, G, Bo), got {len(inputs)}")
-    x, w, bias, a, g, b = inputs
+                              attr: Mapping[str, Any], op_type: str = "DeepControlConv") -> relax.Expr:
+    """``DeepControlConv(X, W, B, A, G, Bo)`` -> dcgraph's fused kernels (B may be absent);
+    ``DeepControlConvAdd(..., Skip)``: the same with the residual added before the activation."""
+    where = _where(op_type, _node_name(attr))
+    spec = parse_attrs(op_type, _node_name(attr), attr)
+    names = ["X", "W", "B", "A", "G", "Bo"] + (["Skip"] if op_type == "DeepControlConvAdd" else [])
+    if len(inputs) != len(names):
+        raise OnnxFrontendError(f"{where}: expected {len(names)} inputs ({', '.join(names)}), "
+                                f"got {len(inputs)}")
+    x, w, bias, a, g, b = inputs[:6]
+    skip = inputs[6] if len(names) == 7 else None
+    if len(names) == 7:
+        _check_tensor(where, "Skip", skip)
     _check_tensor(where, "X", x)
     _check_tensor(where, "W", w)
     rank = len(x.ty.shape)
@@ -212,8 +219,10 @@ def convert_deep_control_conv(bb: relax.BlockBuilder, inputs: Sequence[relax.Exp
     if bias is not None:
         bias = None if _is_zero_const(bias) else _per_channel(bb, where, "B", bias, c_out, dtype)
     a, g, b = (_per_channel(bb, where, n, v, c_out, dtype) for n, v in (("A", a), ("G", g), ("Bo", b)))
+    if skip is not None and len(skip.ty.shape) > rank:
+        raise OnnxFrontendError(f"{where}: Skip has rank {len(skip.ty.shape)}, the output {rank}")
     return emit_conv_deep_control(bb, x, w, bias, a, g, b, groups=spec.group, act=spec.act,
-                                  negative_slope=spec.alpha, **conv)
+                                  negative_slope=spec.alpha, skip=skip, **conv)
 
 
 def convert_deep_control(bb: relax.BlockBuilder, inputs: Sequence[relax.Expr | None],
@@ -242,6 +251,8 @@ Converter = Callable[[relax.BlockBuilder, Sequence[relax.Expr | None], Mapping[s
 #: The ``ai.dcgraph`` operators this frontend adds to TVM's importer (op_type -> converter).
 CONVERTERS: dict[str, Converter] = {
     "DeepControlConv": convert_deep_control_conv,
+    "DeepControlConvAdd": lambda bb, inputs, attr: convert_deep_control_conv(bb, inputs, attr,
+                                                                             "DeepControlConvAdd"),
     "DeepControl": convert_deep_control,
 }
 
