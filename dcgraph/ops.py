@@ -121,7 +121,13 @@ def _forward(
 
 
 def _check_skip(skip: torch.Tensor | None, y: torch.Tensor) -> None:
-    if skip is not None and torch.broadcast_shapes(skip.shape, y.shape) != y.shape:
+    if skip is None:
+        return
+    try:
+        fits = torch.broadcast_shapes(skip.shape, y.shape) == y.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
         raise ValueError(f"the residual input {tuple(skip.shape)} does not broadcast to the block "
                          f"output {tuple(y.shape)}")
 

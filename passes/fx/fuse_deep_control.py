@@ -143,6 +143,8 @@ def fuse_deep_control(gm: fx.GraphModule, report: RewriteReport) -> int:
         if path is None or shared(gm, node):
             path = free_name(gm, f"{node.name}_fused")
         new = insert_module(gm, path, fused, last, (conv.input,))
+        if "val" in node.meta:  # ATen graphs: the output's shape (the conv's), for later rules
+            new.meta["val"] = node.meta["val"]
         last.replace_all_uses_with(new)
         remove_chain(gm, [node, *region] + ([act_node] if act_node else []))
         report.matched(Match("conv+deep_control->fused", tuple(names), kind, act))
