@@ -12,7 +12,9 @@ reports the median step time, the bytes autograd saves for backward (``dcgraph.m
 storage once) and its RSS before the first step and at its peak. Before any timing, the plain
 and fused models (same weights) are checked against each other in this process: the output
 and every gradient (Deep Control as plain ops is the reference semantics written in torch).
-Rows run one after another, not interleaved: their times share the machine's drift.
+Those per-process rows run one after another; the step times compared are taken apart, in one
+more fresh process that builds all three models and times them interleaved (two steps of each in
+turn, the order reversed every round), so that drift hits every variant alike.
 """
 
 from __future__ import annotations
@@ -136,6 +138,36 @@ def worker(variant: str, width: int, batch: int, size: int, steps: int, threads:
             "step_rss_mib": (peak_kib - base_kib) / 1024}
 
 
+def interleaved(width: int, batch: int, size: int, rounds: int, threads: int) -> dict[str, Any]:
+    """Median step time of every variant, timed in turn in this process (2 steps per turn)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = example(batch, size)
+    steps = {}
+    for variant in VARIANTS:
+        net = build(variant, width)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+
+        def step(net=net, opt=opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            _loss(net(x)).backward()
+            opt.step()
+
+        step()  # warm-up
+        steps[variant] = step
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    order = list(VARIANTS)
+    for r in range(rounds):
+        for variant in order if r % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            steps[variant]()
+            steps[variant]()
+            times[variant].append(1e3 * (time.perf_counter() - t0) / 2)
+    return {"status": "ok", "rounds": rounds,
+            "median_ms": {v: statistics.median(t) for v, t in times.items()}}
+
+
 def _run_worker(variant: str, width: int, batch: int, size: int, steps: int, threads: int,
                 timeout: float) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -150,6 +182,23 @@ def _run_worker(variant: str, width: int, batch: int, size: int, steps: int, thr
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return {"status": "failed", "why": f"worker exited {proc.returncode}: {tail[:160]}"}
+    return json.loads(lines[-1])
+
+
+def _run_interleaved(cfg: dict, threads: int, timeout: float) -> dict[str, Any]:
+    rounds = max(4, 4 * cfg["steps"])
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "dcgraph.bench.train_level", "--interleaved", str(rounds),
+           "--width", str(cfg["width"]), "--batch", str(cfg["batch"]), "--size", str(cfg["size"]),
+           "--threads", str(threads)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "why": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"status": "failed", "why": f"exited {proc.returncode}: {tail[:160]}"}
     return json.loads(lines[-1])
 
 
@@ -172,6 +221,18 @@ def markdown(data: dict) -> str:
         "| RSS growth in the steps MiB | vs BatchNorm |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    inter = data.get("interleaved", {})
+    if inter.get("status") == "ok":
+        med = inter["median_ms"]
+        lines.insert(3, "Step time, the three variants timed interleaved in one process (median of "
+                     f"{inter['rounds']} turns of 2 steps): "
+                     + ", ".join(f"{VARIANTS[k]} {med[k]:.1f} ms" for k in VARIANTS)
+                     + f". Fused / BatchNorm **{med['fused'] / med['batchnorm']:.3f}x**, fused / plain ops "
+                     f"**{med['fused'] / med['plain']:.3f}x**.")
+        lines.insert(4, "")
+    elif inter:
+        lines.insert(3, f"Interleaved timing FAILED: {inter.get('why', '?')}")
+        lines.insert(4, "")
     bn = rows.get("batchnorm", {})
     for key, label in VARIANTS.items():
         r = rows.get(key, {})
@@ -246,10 +307,16 @@ def run(quick: bool = False, threads: int = 2, steps: int | None = None, width: 
             done = (f"{r['median_ms']:.1f} ms, peak RSS {r['peak_rss_mib']:.0f} MiB" if r["status"] == "ok"
                     else r["why"])
             print(f"[train {time.perf_counter() - t0:6.1f}s] {variant}: {done}", flush=True)
+    inter: dict[str, Any] = {}
+    if ag.get("ok"):
+        inter = _run_interleaved(cfg, threads, timeout)
+        if progress:
+            print(f"[train {time.perf_counter() - t0:6.1f}s] interleaved: "
+                  f"{inter.get('median_ms', inter.get('why'))}", flush=True)
     info, head = H.header(threads)
     data = {"level": "train", "quick": quick, "config": cfg, "agreement": ag, "rows": rows, "machine": info,
             "head": head, "seconds": round(time.perf_counter() - t0, 1), "command": command,
-            "labels": VARIANTS}
+            "labels": VARIANTS, "interleaved": inter}
     md = markdown(data)
     if write:
         name = H.stem("train", quick)
@@ -262,14 +329,21 @@ def run(quick: bool = False, threads: int = 2, steps: int | None = None, width: 
 
 def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="one training-level row in this process (used by run())")
-    p.add_argument("--worker", choices=list(VARIANTS), required=True)
+    p.add_argument("--worker", choices=list(VARIANTS))
+    p.add_argument("--interleaved", type=int, metavar="ROUNDS",
+                   help="time all variants interleaved for ROUNDS turns instead of one row")
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
-    print(json.dumps(worker(a.worker, a.width, a.batch, a.size, a.steps, a.threads)))
+    if a.interleaved:
+        print(json.dumps(interleaved(a.width, a.batch, a.size, a.interleaved, a.threads)))
+    elif a.worker:
+        print(json.dumps(worker(a.worker, a.width, a.batch, a.size, a.steps, a.threads)))
+    else:
+        p.error("give --worker VARIANT or --interleaved ROUNDS")
     return 0
 
 
