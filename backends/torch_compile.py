@@ -48,7 +48,8 @@ log = logging.getLogger("dcgraph.torch_compile")
 #: graphs that run eagerly; ``builds``: TVM builds (one per graph and concrete shape, again after
 #: a weight changed); ``rebuilds``: builds caused by a changed weight; ``eager_calls``: calls run
 #: eagerly because they need gradients; ``converted`` / ``fused``: norms turned into Deep Control
-#: and conv + Deep Control pairs fused, summed over builds.
+#: and conv + Deep Control pairs fused, ``residual``: residual tails taken into fused blocks;
+#: summed over builds.
 counters: collections.Counter[str] = collections.Counter()
 
 OPTIONS = ("target", "db", "init", "convert", "plan", "layout", "winograd", "max_batch", "fallback")
@@ -170,7 +171,10 @@ def _export(frozen: fx.GraphModule, inputs: tuple[torch.Tensor, ...], opts: Opti
         return ep
     ep, report = rewrite_exported(ep, opts.init)
     for rule, n in report.counts.items():
-        counters["fused" if rule.endswith("->fused") else "converted"] += n
+        if rule.startswith("fused+"):
+            counters["residual"] += n
+        else:
+            counters["fused" if rule.endswith("->fused") else "converted"] += n
     return ep
 
 
