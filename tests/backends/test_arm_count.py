@@ -123,8 +123,13 @@ def test_counts_are_reproducible_per_call_and_match_the_work(counter: ac.Counter
     same = ac.Item("again", dense.kind, dense.path, dense.inputs)
     outputs: dict[str, np.ndarray] = {}
     three = ac.count([dense, same], counter, calls=3, outputs=outputs)
-    # the same items counted again in another process: the same figures, instruction for instruction
-    assert ac.count([dense, same], counter, calls=3, outputs={}) == three
+    # the same items counted again in another process: the kernel's vector work instruction for
+    # instruction; the call's Python and allocator share moved by a few dozen instructions between
+    # processes on the Intel machines (identical on the AMD ones), so the totals to 1e-4
+    again = ac.count([dense, same], counter, calls=3, outputs={})
+    for name, c in again.items():
+        assert (c.fma, c.fma_lanes, c.vector) == (three[name].fma, three[name].fma_lanes, three[name].vector)
+        assert c.total == pytest.approx(three[name].total, rel=1e-4)
     # another position in the process, another number of calls: the kernel's work is exact, the
     # call's Python and allocator share (a few thousand instructions) moves a little
     one = ac.count([dense], counter, calls=1)["g1"]
