@@ -127,10 +127,19 @@ def locate(path: str | os.PathLike, target: Any, *, create: bool = False) -> Pat
     return directory
 
 
-def fingerprint(trace: Any) -> str:
-    """A record's trace (its steps and decisions) as a short hash: equal for the same schedule."""
+def fingerprint(record: Any) -> str:
+    """A tuning record's trace (its steps and decisions) as a short hash: equal for the same schedule.
+
+    The trace is taken after a JSON round trip (``TuningRecord.from_json`` replays it on the
+    workload), the form every record read back from disk has: a trace still in memory from the
+    search can serialise differently from its own replay (seen on one kernel in two tuning runs
+    on the Intel machines), which made ``choices.json`` name a trace that compile never found.
+    A bare trace (no record) is hashed as it is."""
     import hashlib
 
+    trace = record
+    if hasattr(record, "workload") and hasattr(record, "trace"):
+        trace = ms.database.TuningRecord.from_json(record.as_json(), record.workload).trace
     return hashlib.sha1(json.dumps(trace.as_json(), default=str).encode()).hexdigest()[:20]
 
 
@@ -181,7 +190,7 @@ def applied_database(path: str | os.PathLike, target: Any) -> ms.database.Databa
             top = database.get_top_k(recs[0].workload, 1)
             pick = top[0] if top else None
         elif entry.get("choice") == "tuned":
-            pick = next((r for r in recs if fingerprint(r.trace) == entry.get("trace")), None)
+            pick = next((r for r in recs if fingerprint(r) == entry.get("trace")), None)
         else:
             pick = None
         if pick is not None:

@@ -94,20 +94,20 @@ def confirm(task: Any, workload: Any, database: Any, tools: Any, directory: Path
     entry = read_choices(directory).get(key, {})
     current = None
     if entry.get("choice") == "tuned":
-        current = next((r for r in recs if is_search(r) and fingerprint(r.trace) == entry.get("trace")), None)
+        current = next((r for r in recs if is_search(r) and fingerprint(r) == entry.get("trace")), None)
     timed = sorted(((mean_seconds(r.run_secs), r) for r in recs if is_search(r)),
                    key=lambda p: p[0] if p[0] is not None else float("inf"))
-    taken = {fingerprint(current.trace)} if current is not None else set()
+    taken = {fingerprint(current)} if current is not None else set()
     challengers = []
     for t, rec in timed:
         if t is None or len(challengers) == CHALLENGERS:
             break
-        fp = fingerprint(rec.trace)
+        fp = fingerprint(rec)
         if fp not in taken:
             taken.add(fp)
             challengers.append(rec)
     raced = set(entry.get("raced", []))
-    if challengers and all(fingerprint(r.trace) in raced for r in challengers):  # nothing new since
+    if challengers and all(fingerprint(r) in raced for r in challengers):  # nothing new since
         return Choice(entry.get("choice", "default"), entry.get("chosen_ms"), entry.get("default_ms"))
     if not challengers:
         kept = "tuned" if current is not None else "default"
@@ -131,8 +131,8 @@ def confirm(task: Any, workload: Any, database: Any, tools: Any, directory: Path
         default_ms = entry.get("default_ms")
     new = {"task": task.name, "choice": "tuned" if best is not None else "default",
            "chosen_ms": best_ms, "default_ms": default_ms, "rounds": ROUNDS, "margin": MARGIN,
-           "raced": sorted(raced | {fingerprint(r.trace) for r in challengers})}
+           "raced": sorted(raced | {fingerprint(r) for r in challengers})}
     if best is not None:
-        new["trace"] = fingerprint(best.trace)
+        new["trace"] = fingerprint(best)
     write_choice(directory, key, new)
     return Choice(new["choice"], best_ms, default_ms)

@@ -124,7 +124,7 @@ def tune_by_count(tasks: list[Any], tgt: tvm.target.Target, db: Any, report: Tun
         counted = {"default": default[1] if default else None, "chosen": pick[1], "best": best[1]}
         entry = {"task": task.name, "choice": tr.kept, "cost": "instructions", "instructions": counted}
         if not keep_default:
-            entry["trace"] = fingerprint(best[2].trace)
+            entry["trace"] = fingerprint(ms.database.TuningRecord(best[2].trace, workload, None, tgt, args))
         write_choice(directory, key, entry)
     report.seconds = time.monotonic() - t0
     return report
