@@ -13,9 +13,14 @@ Networks (every conv block is conv -> norm -> relu):
 
 Norms: ``none`` (conv with bias), ``batchnorm``, ``groupnorm`` (4 groups), ``deepcontrol``
 (the fused op, the paper's from-scratch init a = 1, g = 1, b = 0, all learnable) and
-``deepcontrol_frozen_a`` (a fixed at 1). Conv weights: He initialisation in every variant.
-SGD with momentum 0.9; the learning rate depends on the batch size only
-(``LEARNING_RATES``), the same for every norm.
+``deepcontrol_frozen_a`` (a fixed at 1). Conv weights: He initialisation (``init="he"``), or
+channel-wise zero-mean filters with unit norm per output channel (``init="zero_mean"``,
+:mod:`dcgraph.mean_shift`; ``"zero_mean_he"``: norm sqrt(2), He's expected norm);
+``msr=True`` also subtracts each filter's gradient mean at every step (Mean Shift Rejection,
+arXiv 1911.13173). SGD with momentum 0.9; the learning rate defaults by batch size
+(``LEARNING_RATES``). ``val_fraction > 0`` carves a stratified validation split out of the
+training split (fixed seed): the curve then tracks validation accuracy (for choosing a
+learning rate) and the test split is read once, at the end.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from dcgraph.nn import DeepControlConv2d
 
 NORMS = ("none", "batchnorm", "groupnorm", "deepcontrol", "deepcontrol_frozen_a")
 DEPTHS = ("shallow", "deep")
+INITS = ("he", "zero_mean", "zero_mean_he")
 LEARNING_RATES = {1: 0.005, 4: 0.02, 32: 0.05}
 TARGET_ACCURACY = 0.9
 
@@ -48,6 +54,10 @@ class TrainConfig:
     seed: int = 0
     lr: float | None = None  #: default: LEARNING_RATES by batch size (else 0.05 * sqrt(b / 32))
     evals_per_epoch: int = 4
+    #: he | zero_mean (channel-wise zero-mean, unit norm per output channel) | zero_mean_he (norm sqrt 2)
+    init: str = "he"
+    msr: bool = False  #: subtract each conv filter's gradient mean before every step
+    val_fraction: float = 0.0  #: > 0: a validation split from the training split drives the curve
 
     def learning_rate(self) -> float:
         if self.lr is not None:
@@ -61,6 +71,10 @@ class TrainConfig:
             raise ValueError(f"depth={self.depth!r}; expected one of {', '.join(DEPTHS)}")
         if self.batch_size < 1 or self.epochs < 1 or self.evals_per_epoch < 1:
             raise ValueError("batch_size, epochs and evals_per_epoch must be positive")
+        if self.init not in INITS:
+            raise ValueError(f"init={self.init!r}; expected one of {', '.join(INITS)}")
+        if not 0.0 <= self.val_fraction < 0.5:
+            raise ValueError(f"val_fraction={self.val_fraction}; expected 0 <= f < 0.5")
         return self
 
 
@@ -69,10 +83,11 @@ class TrainResult:
     config: dict
     test_accuracy: float
     train_loss: float
-    curve: list[tuple[int, float]] = field(default_factory=list)  #: (steps, test accuracy)
+    curve: list[tuple[int, float]] = field(default_factory=list)  #: (steps, val or test accuracy)
     epochs_to_target: float | None = None  #: first evaluation reaching TARGET_ACCURACY
     saved_bytes_per_step: int = 0  #: activations autograd keeps for one training step
     seconds: float = 0.0
+    val_accuracy: float | None = None  #: final validation accuracy (with val_fraction > 0)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -93,6 +108,16 @@ def load_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
     return prep(xtr), torch.from_numpy(ytr).long(), prep(xte), torch.from_numpy(yte).long()
 
 
+def split_validation(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int = 0):
+    """``(x_train, y_train, x_val, y_val)``: a stratified validation split of a training split."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    tr, va = train_test_split(idx, test_size=fraction, random_state=seed, stratify=y.numpy())
+    tr, va = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(va))
+    return x[tr], y[tr], x[va], y[va]
+
+
 def block(norm: str, cin: int, cout: int) -> nn.Module:
     """conv 3x3 (padding 1) -> norm -> relu."""
     if norm.startswith("deepcontrol"):
@@ -108,7 +133,7 @@ def block(norm: str, cin: int, cout: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def build_model(norm: str, depth: str) -> nn.Module:
+def build_model(norm: str, depth: str, init: str = "he") -> nn.Module:
     """The network; conv weights get He (Kaiming normal, fan-in, relu) initialisation in every
     variant (PyTorch's default conv init has a gain below He's, under which a 12-layer plain
     stack without variance normalisation, Deep Control included, stays at chance)."""
@@ -124,6 +149,10 @@ def build_model(norm: str, depth: str) -> nn.Module:
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+    if init.startswith("zero_mean"):
+        from dcgraph.mean_shift import zero_mean_init_
+
+        zero_mean_init_(model, gain=2.0 ** 0.5 if init == "zero_mean_he" else 1.0)
     return model
 
 
@@ -139,9 +168,16 @@ def train(cfg: TrainConfig, progress: bool = False, data=None) -> TrainResult:
     """Train one configuration; deterministic for a given config (CPU, fixed seeds)."""
     cfg.check()
     xtr, ytr, xte, yte = data if data is not None else load_data()
+    xev, yev = xte, yte  # what the curve tracks
+    if cfg.val_fraction > 0:
+        xtr, ytr, xev, yev = split_validation(xtr, ytr, cfg.val_fraction)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.norm, cfg.depth)
+    model = build_model(cfg.norm, cfg.depth, cfg.init)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate(), momentum=0.9)
+    if cfg.msr:
+        from dcgraph.mean_shift import reject_mean_shift
+
+        reject_mean_shift(opt)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(xtr)
     steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
@@ -164,13 +200,17 @@ def train(cfg: TrainConfig, progress: bool = False, data=None) -> TrainResult:
             step += 1
             bar.update()
             if step % eval_every == 0 or step == cfg.epochs * steps_per_epoch:
-                acc = evaluate(model, xte, yte)
+                acc = evaluate(model, xev, yev)
                 result.curve.append((step, acc))
                 if result.epochs_to_target is None and acc >= TARGET_ACCURACY:
                     result.epochs_to_target = round(step / steps_per_epoch, 3)
                 bar.set_postfix(test_acc=f"{acc:.3f}")
     bar.close()
-    result.test_accuracy = result.curve[-1][1]
+    if cfg.val_fraction > 0:
+        result.val_accuracy = result.curve[-1][1]
+        result.test_accuracy = evaluate(model, xte, yte)
+    else:
+        result.test_accuracy = result.curve[-1][1]
     result.train_loss = float(loss.item()) if torch.isfinite(loss) else float("nan")
     result.seconds = time.perf_counter() - start
     return result

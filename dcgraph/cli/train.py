@@ -24,6 +24,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--epochs", type=positive, default=10)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--lr", type=positive_float, help="default: by batch size (1: 0.005, 4: 0.02, 32: 0.05)")
+    tr.add_argument("--init", choices=["he", "zero_mean", "zero_mean_he"], default="he",
+                    help="conv weights: He (default), or channel-wise zero-mean with unit norm per "
+                         "output channel (Mean Shift Rejection, arXiv 1911.13173), or zero-mean "
+                         "with He's expected norm sqrt(2)")
+    tr.add_argument("--msr", action="store_true",
+                    help="subtract each conv filter's gradient mean before every step (keeps "
+                         "zero-mean filters zero-mean; dcgraph.mean_shift.reject_mean_shift)")
+    tr.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                    help="carve a validation split (fraction F of the training split) for the "
+                         "curve; the test split is read once at the end")
     tr.add_argument("--json", type=output_file(".json"), metavar="PATH",
                     help="write the result (with the accuracy curve)")
     tr.add_argument("--threads", type=positive, default=2)
@@ -36,13 +46,20 @@ def run(args: argparse.Namespace) -> int:
     from dcgraph.train import TrainConfig, train
 
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(args.norm, args.batch_size, args.depth, args.epochs, args.seed, args.lr)
-    result = train(cfg.check(), progress=sys.stderr.isatty())
+    cfg = TrainConfig(args.norm, args.batch_size, args.depth, args.epochs, args.seed, args.lr,
+                      init=args.init, msr=args.msr, val_fraction=args.val_fraction)
+    try:
+        cfg.check()
+    except ValueError as e:
+        print(f"dcgraph train: error: {e}", file=sys.stderr)
+        return 2
+    result = train(cfg, progress=sys.stderr.isatty())
     target = (f"{result.epochs_to_target} epochs" if result.epochs_to_target is not None
               else "not reached")
     print(f"{args.norm}, batch {args.batch_size}, {args.depth}, seed {args.seed}: test accuracy "
           f"{result.test_accuracy:.4f} after {args.epochs} epochs ({result.seconds:.1f} s); "
-          f"90% {target}; {result.saved_bytes_per_step / 1024:.1f} KiB saved per step")
+          f"90% {target}; {result.saved_bytes_per_step / 1024:.1f} KiB saved per step"
+          + (f"; validation accuracy {result.val_accuracy:.4f}" if result.val_accuracy is not None else ""))
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
