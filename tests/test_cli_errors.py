@@ -90,6 +90,9 @@ CASES = [
     (["train", "--lr", "nan"], "positive finite number"),
     (["train", "--json", "OUT/missing/r.json"], "no such directory"),
     (["train", "--threads", "0"], "positive integer"),
+    (["train", "--init", "orthogonal"], "invalid choice: 'orthogonal'"),
+    (["train", "--val-fraction", "0.7"], "expected a fraction in [0, 0.5)"),
+    (["train", "--val-fraction", "x"], "expected a fraction in [0, 0.5)"),
     # bench
     (["bench", "level9"], "invalid choice: 'level9'"),
     (["bench", "op", "--shapes", "nosuch", "--out", "OUT/res"], "unknown block 'nosuch'"),

@@ -9,6 +9,16 @@ import sys
 from dcgraph.argtypes import output_file, positive, positive_float
 
 
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0.0 <= v < 0.5:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 0.5), got {text!r}")
+    return v
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     tr = sub.add_parser(
         "train", help="train a small CNN on the digits data with a chosen normalisation",
@@ -31,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--msr", action="store_true",
                     help="subtract each conv filter's gradient mean before every step (keeps "
                          "zero-mean filters zero-mean; dcgraph.mean_shift.reject_mean_shift)")
-    tr.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+    tr.add_argument("--val-fraction", type=_fraction, default=0.0, metavar="F",
                     help="carve a validation split (fraction F of the training split) for the "
                          "curve; the test split is read once at the end")
     tr.add_argument("--json", type=output_file(".json"), metavar="PATH",
