@@ -34,6 +34,7 @@ bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/op_speed.py --quick
 	$(BIN)/python benchmarks/saved_memory.py --quick
 	$(BIN)/python benchmarks/train_grid.py --quick
+	$(BIN)/python benchmarks/train_study.py --quick
 	$(BIN)/python benchmarks/tune_curve.py --quick --no-progress
 
 bench-fusion: $(STAMP)         ## the fusion suite: op, model, train (+ gpu where present); DB=tuned/ TUNE=16 to tune first
@@ -45,8 +46,9 @@ bench-fusion-gpu-build: $(STAMP)  ## the GPU level's TVM CUDA modules + shared c
 bench-arm: $(STAMP)            ## the ARM level: executed instructions on emulated aarch64, with a row tuned on them
 	$(BIN)/dcgraph bench arm --tune 1 --db build/arm-db --out $(RESULTS)
 
-bench-train: $(STAMP)          ## the training study (about 20 min on 2 cores)
+bench-train: $(STAMP)          ## the training grid (about 20 min on 2 cores) and the recipe study (about 35 min)
 	$(BIN)/python benchmarks/train_grid.py
+	$(BIN)/python benchmarks/train_study.py
 
 gpu: $(STAMP)                  ## on a machine with an NVIDIA GPU and TVM's compiler: CUDA tests + the GPU level
 	$(BIN)/python -m pytest tests/backends/test_cuda_run.py
