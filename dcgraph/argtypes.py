@@ -45,6 +45,10 @@ def positive_float(text: str) -> float:
     return _number(text, float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
 
 
+def validation_fraction(text: str) -> float:
+    return _number(text, float, lambda v: 0.0 <= v < 0.5, "a fraction in [0, 0.5)")
+
+
 def input_shape(text: str) -> str:
     """``N,C,H[,W...]``: positive integers (kept as text; :func:`dcgraph.models.parse_shape` reads it)."""
     from dcgraph.models import parse_shape

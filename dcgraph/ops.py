@@ -314,7 +314,6 @@ def _save(ctx, inputs: tuple, output: torch.Tensor, mean: torch.Tensor | None, e
 
 
 def _setup_context(ctx, inputs, output):
-    inputs = tuple(inputs) + (None,) * (13 - len(inputs))
     _save(ctx, inputs, output, None, eager=False)
 
 
@@ -323,6 +322,7 @@ def _grads_from_context(ctx, grad, backward_fn) -> tuple:
     (:func:`backward` itself, or the opaque backward op for tracers)."""
     x, out, weight, bias, a, g, b, skip, mean = ctx.saved_tensors
     need = list(ctx.needs_input_grad[:6])
+    # (under AOTAutograd, needs_input_grad can stop before a trailing None input)
     need_skip = len(ctx.needs_input_grad) > 12 and ctx.needs_input_grad[12]
     grads = backward_fn(grad.contiguous(), x, out, weight, bias, a, g, b, *ctx.conv_args,
                         [*need, need_skip], skip, mean, ctx.skip_shape)

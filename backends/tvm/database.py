@@ -134,7 +134,8 @@ def fingerprint(record: Any) -> str:
     workload), the form every record read back from disk has: a trace still in memory from the
     search can serialise differently from its own replay (seen on one kernel in two tuning runs
     on the Intel machines), which made ``choices.json`` name a trace that compile never found.
-    A bare trace (no record) is hashed as it is."""
+    A bare trace (no record) is hashed as it is. Records read back from disk take the round trip
+    too: hashing their traces directly made the same test flake again."""
     import hashlib
 
     trace = record

@@ -168,11 +168,10 @@ def interleaved(width: int, batch: int, size: int, rounds: int, threads: int) ->
             "median_ms": {v: statistics.median(t) for v, t in times.items()}}
 
 
-def _run_worker(variant: str, width: int, batch: int, size: int, steps: int, threads: int,
-                timeout: float) -> dict[str, Any]:
+def _in_fresh_process(args: list[str], threads: int, timeout: float) -> dict[str, Any]:
+    """``python -m dcgraph.bench.train_level ARGS`` in a fresh process: its last JSON line."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "dcgraph.bench.train_level", "--worker", variant, "--width", str(width),
-           "--batch", str(batch), "--size", str(size), "--steps", str(steps), "--threads", str(threads)]
+    cmd = [sys.executable, "-m", "dcgraph.bench.train_level", *args, "--threads", str(threads)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                               check=False)
@@ -185,21 +184,16 @@ def _run_worker(variant: str, width: int, batch: int, size: int, steps: int, thr
     return json.loads(lines[-1])
 
 
+def _run_worker(variant: str, width: int, batch: int, size: int, steps: int, threads: int,
+                timeout: float) -> dict[str, Any]:
+    return _in_fresh_process(["--worker", variant, "--width", str(width), "--batch", str(batch),
+                              "--size", str(size), "--steps", str(steps)], threads, timeout)
+
+
 def _run_interleaved(cfg: dict, threads: int, timeout: float) -> dict[str, Any]:
     rounds = max(4, 4 * cfg["steps"])
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "dcgraph.bench.train_level", "--interleaved", str(rounds),
-           "--width", str(cfg["width"]), "--batch", str(cfg["batch"]), "--size", str(cfg["size"]),
-           "--threads", str(threads)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
-    except subprocess.TimeoutExpired:
-        return {"status": "failed", "why": f"timed out after {timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"status": "failed", "why": f"exited {proc.returncode}: {tail[:160]}"}
-    return json.loads(lines[-1])
+    return _in_fresh_process(["--interleaved", str(rounds), "--width", str(cfg["width"]), "--batch",
+                              str(cfg["batch"]), "--size", str(cfg["size"])], threads, timeout)
 
 
 def markdown(data: dict) -> str:

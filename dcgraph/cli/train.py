@@ -6,17 +6,7 @@ import argparse
 import os
 import sys
 
-from dcgraph.argtypes import output_file, positive, positive_float
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not 0.0 <= v < 0.5:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 0.5), got {text!r}")
-    return v
+from dcgraph.argtypes import output_file, positive, positive_float, validation_fraction
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--msr", action="store_true",
                     help="subtract each conv filter's gradient mean before every step (keeps "
                          "zero-mean filters zero-mean; dcgraph.mean_shift.reject_mean_shift)")
-    tr.add_argument("--val-fraction", type=_fraction, default=0.0, metavar="F",
+    tr.add_argument("--val-fraction", type=validation_fraction, default=0.0, metavar="F",
                     help="carve a validation split (fraction F of the training split) for the "
                          "curve; the test split is read once at the end")
     tr.add_argument("--json", type=output_file(".json"), metavar="PATH",
@@ -58,12 +48,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(args.norm, args.batch_size, args.depth, args.epochs, args.seed, args.lr,
                       init=args.init, msr=args.msr, val_fraction=args.val_fraction)
-    try:
-        cfg.check()
-    except ValueError as e:
-        print(f"dcgraph train: error: {e}", file=sys.stderr)
-        return 2
-    result = train(cfg, progress=sys.stderr.isatty())
+    result = train(cfg.check(), progress=sys.stderr.isatty())
     target = (f"{result.epochs_to_target} epochs" if result.epochs_to_target is not None
               else "not reached")
     print(f"{args.norm}, batch {args.batch_size}, {args.depth}, seed {args.seed}: test accuracy "

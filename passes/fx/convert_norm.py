@@ -25,7 +25,7 @@ from dcgraph.nn import DeepControl1d, DeepControl2d, DeepControl3d
 
 from ..report import Match, RewriteReport
 from .graph import free_name, insert_module, own_module, remove_chain, shared
-from .nodes import ConvSpec, NormSpec, Unsupported, act_spec, conv_spec, norm_spec
+from .nodes import ConvSpec, NormSpec, Unsupported, conv_spec, following_act, norm_spec
 
 INITS = ("preserve", "fresh")
 _DC = {1: DeepControl1d, 2: DeepControl2d, 3: DeepControl3d}
@@ -95,10 +95,7 @@ def convert_norms(gm: fx.GraphModule, report: RewriteReport, init: str = "preser
 
 def _rewrite(gm, conv: ConvSpec, norm: NormSpec, result, report, init, learn_a) -> None:
     a, g, b, exact, note = result
-    users = list(norm.output.users)
-    act = act_spec(gm, users[0]) if len(users) == 1 else None
-    if act is not None and act.name is None:
-        act = None
+    act = following_act(gm, norm.output)
     nodes = [conv.node.name, norm.node.name] + ([act.node.name] if act else [])
     if conv.bias is not None:  # fold c0 into b; the conv loses its bias
         b = b + g * (1 - a) * conv.bias.to(torch.float64)

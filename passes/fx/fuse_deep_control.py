@@ -20,7 +20,7 @@ from dcgraph.nn import DeepControlConv1d, DeepControlConv2d, DeepControlConv3d, 
 from ..report import Match, RewriteReport
 from .graph import free_name, insert_module, remove_chain, shared
 from .linear_form import POINTWISE, Evaluator, NotAffine, op_key
-from .nodes import ConvSpec, Unsupported, act_spec, attr_tensor, conv_spec
+from .nodes import ConvSpec, Unsupported, attr_tensor, conv_spec, following_act
 
 _FUSED = {1: DeepControlConv1d, 2: DeepControlConv2d, 3: DeepControlConv3d}
 
@@ -116,12 +116,10 @@ def fuse_deep_control(gm: fx.GraphModule, report: RewriteReport) -> int:
             report.skipped(node.name, found)
             continue
         kind, dc_node, a, g, b, act, slope, region = found
-        users = list(dc_node.users)
         act_node = None
-        if act == "identity" and len(users) == 1:
-            spec = act_spec(gm, users[0])
-            if spec is not None and spec.name is not None:
-                act, slope, act_node = spec.name, spec.negative_slope, spec.node
+        spec = following_act(gm, dc_node) if act == "identity" else None
+        if spec is not None:
+            act, slope, act_node = spec.name, spec.negative_slope, spec.node
         w = conv.weight
         fused = _FUSED[conv.nd](
             w.shape[1] * conv.groups, w.shape[0], tuple(w.shape[2:]), conv.stride, conv.padding,

@@ -30,7 +30,7 @@ from dcgraph.nn import _DeepControlConvNd
 
 from ..report import Match, RewriteReport
 from .graph import own_module, remove_chain
-from .nodes import act_spec
+from .nodes import following_act
 
 aten = torch.ops.aten
 _ADDS = (operator.add, operator.iadd, torch.add, aten.add.Tensor, aten.add_.Tensor)
@@ -98,14 +98,11 @@ def fuse_residual(gm: fx.GraphModule, report: RewriteReport) -> int:
             report.skipped(node.name, found)
             continue
         add, skip = found
-        act_node = None
-        act, slope = "identity", 0.01
-        if len(add.users) == 1:
-            spec = act_spec(gm, next(iter(add.users)))
-            if spec is not None and spec.name is not None and spec.node.args[:1] == (add,):
-                act, slope, act_node = spec.name, spec.negative_slope, spec.node
+        spec = following_act(gm, add)
+        act_node = spec.node if spec else None
         module = own_module(gm, node)
-        module.act, module.negative_slope = act, float(slope)
+        module.act = spec.name if spec else "identity"
+        module.negative_slope = float(spec.negative_slope) if spec else 0.01
         with gm.graph.inserting_before(add):
             new = gm.graph.call_module(node.target, (node.args[0], skip))
         new.meta.update(node.meta)
@@ -113,7 +110,7 @@ def fuse_residual(gm: fx.GraphModule, report: RewriteReport) -> int:
         last.replace_all_uses_with(new)
         remove_chain(gm, [node, add] + ([act_node] if act_node else []))
         names = (node.name, add.name) + ((act_node.name,) if act_node else ())
-        report.matched(Match("fused+residual->fused", names, "residual", act))
+        report.matched(Match("fused+residual->fused", names, "residual", module.act))
         count += 1
     return count
 

@@ -296,3 +296,11 @@ def act_spec(gm: fx.GraphModule, node: fx.Node) -> ActSpec | None:
         name = _clamp_act(a["min"], a["max"])
         return ActSpec(node, name) if name else None
     return None
+
+
+def following_act(gm: fx.GraphModule, node: fx.Node) -> ActSpec | None:
+    """The activation (one the spec names) that is ``node``'s only user, else None: what a
+    rewrite of ``node`` may absorb."""
+    users = list(node.users)
+    spec = act_spec(gm, users[0]) if len(users) == 1 else None
+    return spec if spec is not None and spec.name is not None else None

@@ -208,7 +208,8 @@ def test_zoo_exported_with_batchnorm_then_rewritten(name):
     out, report = rewrite_onnx(proto)
     counts = {"conv+batchnorm->deep_control": pairs, "conv+deep_control->fused": pairs}
     tails = _residual_tails(proto)
-    assert tails == {"resnet18": 8, "mobilenet_v2": tails, "efficientnet": tails, "vgg": 0}[name]
+    if name in ("resnet18", "vgg"):  # known by hand: ResNet-18's 8 basic blocks, VGG has none
+        assert tails == {"resnet18": 8, "vgg": 0}[name]
     if tails:
         counts["fused+residual->fused"] = tails
     _assert_rewritten(proto, out, report, counts)

@@ -90,24 +90,31 @@ def _race(task: Any, schedules: list[Schedule], tools: Any) -> list[float]:
 def confirm(task: Any, workload: Any, database: Any, tools: Any, directory: Path) -> Choice:
     """Re-measure the task's best stored candidates against its current choice; record the winner."""
     recs = [r for r in database.get_all_tuning_records() if r.workload.same_as(workload)]
+    prints: dict[int, str] = {}  # a fingerprint replays the trace: once per record
+
+    def fingerprint_of(rec: Any) -> str:
+        if id(rec) not in prints:
+            prints[id(rec)] = fingerprint(rec)
+        return prints[id(rec)]
+
     key = workload_key(task.mod)
     entry = read_choices(directory).get(key, {})
     current = None
     if entry.get("choice") == "tuned":
-        current = next((r for r in recs if is_search(r) and fingerprint(r) == entry.get("trace")), None)
+        current = next((r for r in recs if is_search(r) and fingerprint_of(r) == entry.get("trace")), None)
     timed = sorted(((mean_seconds(r.run_secs), r) for r in recs if is_search(r)),
                    key=lambda p: p[0] if p[0] is not None else float("inf"))
-    taken = {fingerprint(current)} if current is not None else set()
+    taken = {fingerprint_of(current)} if current is not None else set()
     challengers = []
     for t, rec in timed:
         if t is None or len(challengers) == CHALLENGERS:
             break
-        fp = fingerprint(rec)
+        fp = fingerprint_of(rec)
         if fp not in taken:
             taken.add(fp)
             challengers.append(rec)
     raced = set(entry.get("raced", []))
-    if challengers and all(fingerprint(r) in raced for r in challengers):  # nothing new since
+    if challengers and all(fingerprint_of(r) in raced for r in challengers):  # nothing new since
         return Choice(entry.get("choice", "default"), entry.get("chosen_ms"), entry.get("default_ms"))
     if not challengers:
         kept = "tuned" if current is not None else "default"
@@ -131,8 +138,8 @@ def confirm(task: Any, workload: Any, database: Any, tools: Any, directory: Path
         default_ms = entry.get("default_ms")
     new = {"task": task.name, "choice": "tuned" if best is not None else "default",
            "chosen_ms": best_ms, "default_ms": default_ms, "rounds": ROUNDS, "margin": MARGIN,
-           "raced": sorted(raced | {fingerprint(r) for r in challengers})}
+           "raced": sorted(raced | {fingerprint_of(r) for r in challengers})}
     if best is not None:
-        new["trace"] = fingerprint(best)
+        new["trace"] = fingerprint_of(best)
     write_choice(directory, key, new)
     return Choice(new["choice"], best_ms, default_ms)
