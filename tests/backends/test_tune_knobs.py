@@ -121,6 +121,40 @@ def test_spaces_follow_the_target_and_compile_for_both_x86_families(target):
         tvm.tirx.build(traced_candidate(task.mod, target, values).mod, target=target)
 
 
+def test_conv_tiles_fill_the_registers():
+    from dcgraph.backends.tvm.schedules.cpu_blocked import conv_tile
+
+    # (reg_n, oc_tile) for (row width, channel blocks, block, lanes): AVX2 holds 8 accumulators
+    assert conv_tile(28, 16, 8, 8) == (4, 2)
+    assert conv_tile(14, 32, 8, 8) == (2, 4)  # no 4-column tile: 2 x 4 (8) beats 7 x 1 (7)
+    assert conv_tile(14, 2, 8, 8) == (7, 1)  # 4 blocks do not divide 2
+    assert conv_tile(7, 64, 8, 8) == (7, 1)  # 7 x 1 (7) beats 1 x 4 (4)
+    assert conv_tile(14, 16, 16, 16) == (7, 2)  # AVX-512: 16 accumulators
+
+
+def test_a_narrow_row_runs_the_input_chunks_outside_its_tiles_on_avx2():
+    """The model's strided conv (16 -> 32 channels, a 14-wide output row) on AVX2: 2 columns x 4
+    channel blocks with the input-channel chunks outside the row's tiles by default, and that
+    kernel (built for haswell, which every x86 host of this kind runs) computes what the
+    unscheduled one does."""
+    convs = [t for t in tasks_for(AVX2) if knob_space(t.mod, AVX2)[0] == "blocked_conv"]
+    found = []
+    for task in convs:
+        _, points = knob_space(task.mod, AVX2)
+        if points[0].get("ic_outer") == 1:
+            found.append((task, points[0]))
+    assert len(found) == 1, [knob_space(t.mod, AVX2)[1][0] for t in convs]
+    task, default = found[0]
+    assert (default["oc_tile"], default["reg_n"]) == (4, 2)
+    args = [a.as_json() for a in tvm.s_tir.meta_schedule.arg_info.ArgInfo.from_prim_func(task.mod["main"])]
+    arrays = fixed_inputs(args)
+    want = reference_outputs(task, arrays)
+    lib = tvm.tirx.build(traced_default(task.mod, AVX2).mod, target=AVX2)
+    tensors = [tvm.runtime.tensor(a, tvm.cpu()) for a in arrays]
+    lib["main"](*tensors)
+    assert mismatch([t.numpy() for t in tensors], want) is None
+
+
 def test_budgets_cap_small_spaces_and_give_the_rest_to_the_others(host_tasks):
     tasks = host_tasks[:3]
     sizes = [2, 0, 50]

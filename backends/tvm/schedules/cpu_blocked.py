@@ -48,10 +48,27 @@ def conv_tile(wo: int, oc_chunks: int, cb: int, lanes: int) -> tuple[int, int]:
     budget = max_accumulators(lanes)
     oc_tile = 2 if oc_chunks % 2 == 0 and 2 * vecs * 4 <= budget else 1
     reg_n = largest_divisor(wo, budget // (oc_tile * vecs))
-    if reg_n < 4 and oc_tile == 2:  # a narrow row: spend the registers on columns instead
-        oc_tile = 1
-        reg_n = largest_divisor(wo, budget // vecs)
+    if reg_n < 4 and oc_tile == 2:
+        # a row without 4 columns to a tile (14 wide on AVX2: 2 x 2): all of the registers on
+        # the row's columns (7 x 1), or on 4 channel blocks (2 x 4), whichever holds more
+        columns = (largest_divisor(wo, budget // vecs), 1)
+        channels = (largest_divisor(wo, budget // (4 * vecs)), 4) if oc_chunks % 4 == 0 else (0, 4)
+        reg_n, oc_tile = max(columns, channels, key=lambda t: t[0] * t[1])
     return reg_n, oc_tile
+
+
+#: a row of accumulators up to this many bytes may stay in memory across the input-channel chunks
+#: (knob ``ic_outer``; the tile of one chunk still in registers)
+ROW_TILE_BYTES = 4096
+
+
+def ic_outer_default(oc_tile: int, vecs: int, row_bytes: int) -> int:
+    """Whether the input-channel chunks go outside the row's column tiles by default: with 4
+    vectors of channels to a tile and a row that fits :data:`ROW_TILE_BYTES`, each chunk's
+    weights are then read from L1 by every column tile of the row, instead of streaming the
+    whole filter through each tile (ResNet-18's 128->256 3x3/2 at 28 px on AVX2, 2 x 4 tiles:
+    0.82-0.85x the time, batch 1 and 8)."""
+    return int(oc_tile * vecs >= 4 and row_bytes <= ROW_TILE_BYTES)
 
 
 def tile_cap(lanes: int) -> int:
@@ -87,14 +104,16 @@ def _schedule_pad(sch: Schedule, block, lanes: int) -> None:
 def schedule_blocked_conv(sch: Schedule, lanes: int = 16, knobs: Knobs = DEFAULTS) -> bool:
     """The register-blocked dense conv (see the module docstring); False if not a blocked conv.
 
-    Knobs (:mod:`.knobs`): ``oc_tile`` (channel blocks per tile: 1, 2, 4), ``reg_n`` (output
-    columns per tile: divisors of the row), the tile under :func:`tile_cap` accumulators;
-    ``unroll_kw`` (1: the kernel's columns unrolled, as by default); on NEON (4 lanes) ``lane_inner``
-    (1, the default there for strided and 1x1 convs: the input channel block innermost in the
-    reduction, so LLVM feeds by-element FMAs from lanes of one input load instead of a load per
-    FMA: 0.52 -> 0.42 instructions per MAC on ResNet-18's strided 3x3; 0, the default for stride 1,
-    where the columns' loads are shared between the kernel's taps: a direct 3x3 stride-1 conv
-    executed 1.2x the instructions with 1)."""
+    Knobs (:mod:`.knobs`): ``oc_tile`` (channel blocks per tile: 1, 2, 4), ``reg_n`` (output columns
+    per tile: divisors of the row), the tile under :func:`tile_cap` accumulators; ``unroll_kw`` (1:
+    the kernel's columns unrolled, as by default); ``ic_outer`` (where a row of several tiles fits
+    :data:`ROW_TILE_BYTES`: 1 runs the input-channel chunks outside the row's tiles, the row's
+    accumulators in memory between chunks, see :func:`ic_outer_default`); on NEON (4 lanes)
+    ``lane_inner`` (1, the default there for strided and 1x1 convs: the input channel block
+    innermost in the reduction, so LLVM feeds by-element FMAs from lanes of one input load instead
+    of a load per FMA: 0.52 -> 0.42 instructions per MAC on ResNet-18's strided 3x3; 0, the default
+    for stride 1, where the columns' loads are shared between the kernel's taps: a direct 3x3
+    stride-1 conv executed 1.2x the instructions with 1)."""
     stages = _blocked_conv_stages(sch)
     if stages is None:
         return False
@@ -120,10 +139,18 @@ def schedule_blocked_conv(sch: Schedule, lanes: int = 16, knobs: Knobs = DEFAULT
         oc_tile, reg_n = oc_choice, largest_divisor(wo, max_accumulators(lanes) // (oc_choice * vecs))
     reg_n = knobs.pick("reg_n", divisors(wo, 2, cap // (oc_tile * vecs)), reg_n)
     unroll_kw = knobs.pick("unroll_kw", [1, 0] if (extent(sch, rw) or 1) > 1 else [1], 1)
+    row_bytes = wo * oc_tile * cb * 4
+    movable = reductions == 4 and wo > reg_n and row_bytes <= ROW_TILE_BYTES  # else the same loop nest
+    ic_outer = knobs.pick("ic_outer", [0, 1] if movable else [0],
+                          ic_outer_default(oc_tile, vecs, row_bytes) if movable else 0)
     koo, koi = sch.split(ko, [None, oc_tile])
     owo, owi = sch.split(ow, [None, reg_n])
-    sch.reorder(n, koo, oh, owo, *order, koi, owi, co)
-    sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
+    if ic_outer:
+        sch.reorder(n, koo, oh, order[0], owo, *order[1:], koi, owi, co)
+        sch.reverse_compute_at(out, oh, preserve_unit_loops=True)
+    else:
+        sch.reorder(n, koo, oh, owo, *order, koi, owi, co)
+        sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
     if consumers:
         sch.set_scope(conv, 0, TILE_SCOPE)
     par = sch.fuse(n, koo, oh)
