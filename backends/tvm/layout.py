@@ -32,6 +32,7 @@ from tvm import relax, te
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from . import kernels_blocked as kb
+from . import kernels_pointwise as kp
 from . import winograd
 from .exprs import constant_value, static_shape
 from .lowering import CONV_ATTR, KERNEL_ATTR
@@ -43,6 +44,8 @@ _UNARY = {"relax.nn.relu", "relax.clip", "relax.sigmoid", "relax.nn.silu", "rela
           "relax.nn.gelu", "relax.exp"}
 _BINARY = {"relax.add", "relax.multiply", "relax.subtract", "relax.divide", "relax.maximum", "relax.minimum"}
 _POOL = {"relax.nn.max_pool2d", "relax.nn.avg_pool2d"}
+#: pointwise convs between NCHW values stay NCHW (:meth:`_Blocker._nchw_pointwise`); False: blocked
+NCHW_EDGES = True
 
 
 def _conv_params(attrs: Any) -> dict[str, Any]:
@@ -68,8 +71,9 @@ class _Blocker(PyExprMutator):
         self.count = 0
 
     # -- helpers ---------------------------------------------------------------------------
-    def _emit(self, fn, *args: relax.Expr, name: str, kind: str | None = None, **kw: Any) -> relax.Var:
-        attrs = {LAYOUT_ATTR: "blocked"}
+    def _emit(self, fn, *args: relax.Expr, name: str, kind: str | None = None, layout: str = "blocked",
+              **kw: Any) -> relax.Var:
+        attrs = {LAYOUT_ATTR: layout}
         if kind:
             attrs[KERNEL_ATTR] = kind
         return self.builder_.emit_te(lambda *a: fn(*a, **kw), *args, primfunc_name_hint=name,
@@ -202,6 +206,10 @@ class _Blocker(PyExprMutator):
         if p["groups"] != 1 and not depthwise:
             return None
         conv = {k: p[k] for k in ("stride", "padding", "dilation")}
+        if NCHW_EDGES and not depthwise and ws[2:] == (1, 1) and _pointwise(conv) and x not in self.blocked:
+            edge = self._nchw_pointwise(kind, x, w, ins, p)
+            if edge is not None:
+                return edge
         xb = self._block(x)
         cbi = int(static_shape(xb)[-1])
         stored, cbo = kb.blocking(ws[0], self.lanes)
@@ -267,6 +275,32 @@ class _Blocker(PyExprMutator):
         on, ok, _, _, ocb = (int(d) for d in static_shape(out))
         out = self.builder_.emit(relax.op.reshape(out, [on, ok, h, w, ocb]))
         return self._unblock(out, channels)
+
+    def _nchw_pointwise(self, kind: str, x: relax.Expr, w: relax.Expr, ins: list[relax.Expr],
+                        p: dict[str, Any]) -> relax.Var | None:
+        """A 1x1 stride-1 conv of an ``NCHW`` value (not blocked: the graph's input, or what an op
+        that needs ``NCHW`` made) as the ``NCHW`` GEMM over its pixels of :mod:`.kernels_pointwise`:
+        no layout change, unless blocked kernels read the output (then the blocked conv, which
+        changes the layout of the input instead). Its hoisted shift reads ``x`` as it is too (kept
+        ``NCHW`` whichever form the conv takes); a raw conv (the two-pass plan) writes ``NCHW`` for
+        its two-pass kernel, which stays ``NCHW``. None: not applicable (a map that is not a whole
+        number of vectors, another kernel kind)."""
+        h, wd = static_shape(x)[2:]
+        if (h * wd) % self.lanes or kind not in ("dc_shift", "dc_conv", "dc_conv_raw"):
+            return None
+        if kind == "dc_conv" and self.var in self.kernel_fed:
+            return None
+        if kind == "dc_shift":
+            bias, (a, g, b) = (ins[2], ins[3:]) if len(ins) == 6 else (None, ins[2:])
+            if bias is None:
+                return self._emit(lambda x_, w_, a_, g_, b_: kp.map_shift(x_, w_, None, a_, g_, b_), x, w,
+                                  a, g, b, name="dc_shift", kind=kind, layout="nchw")
+            return self._emit(kp.map_shift, x, w, bias, a, g, b, name="dc_shift", kind=kind, layout="nchw")
+        if kind == "dc_conv_raw":  # the two-pass kernel after it reads it as it is, NCHW
+            return self._emit(lambda x_, w_: kp.pointwise(x_, w_, None, None), x, w, name="dc_conv_raw",
+                              kind=kind, layout="nchw")
+        return self._emit(kp.pointwise, x, w, ins[2], ins[3], name="dc_conv", kind=kind, layout="nchw",
+                          act=p["act"], negative_slope=p["negative_slope"])
 
     def _winograd_tile(self, xs: tuple[int, ...], ws: tuple[int, ...], xb: relax.Expr, w: relax.Expr,
                        p: dict[str, Any]) -> int | None:

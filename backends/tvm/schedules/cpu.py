@@ -41,6 +41,7 @@ from .cpu_other_ops import (
     schedule_injective,
     schedule_matmul,
 )
+from .cpu_pointwise import schedule_pointwise, schedule_pointwise_shift
 from .cpu_winograd import schedule_blocked_winograd
 from .knobs import Knobs
 
@@ -200,6 +201,8 @@ CPU_RULES: tuple[tuple[str, Callable[[Schedule, int], bool]], ...] = (
     ("blocked_depthwise_dc", schedule_blocked_depthwise_dc),
     ("blocked_depthwise", schedule_blocked_depthwise),
     ("blocked_shift", schedule_blocked_shift),
+    ("pointwise", schedule_pointwise),
+    ("pointwise_shift", schedule_pointwise_shift),
     ("conv", schedule_conv_cpu),
     ("two_pass", schedule_two_pass_cpu),
     ("channel_reduction", schedule_channel_reduction),
@@ -211,7 +214,8 @@ CPU_RULES: tuple[tuple[str, Callable[[Schedule, int], bool]], ...] = (
 
 
 #: the rules with knobs (:mod:`.knobs`): they take a third argument, the tuner's picks
-TUNABLE = frozenset({"blocked_winograd", "blocked_conv", "blocked_depthwise_dc", "blocked_depthwise"})
+TUNABLE = frozenset({"blocked_winograd", "blocked_conv", "blocked_depthwise_dc", "blocked_depthwise",
+                     "pointwise"})
 
 
 def apply_cpu_rules(mod: tvm.IRModule | tirx.PrimFunc, lanes: int = 8, knobs: Knobs | None = None
