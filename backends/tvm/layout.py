@@ -35,6 +35,10 @@ from . import kernels_blocked as kb
 from . import kernels_pointwise as kp
 from . import winograd
 from .exprs import constant_value, static_shape
+from .layout_reads import conv_params as _conv_params
+from .layout_reads import global_pool as _global_pool
+from .layout_reads import kernel_fed as _kernel_fed
+from .layout_reads import pointwise as _pointwise
 from .lowering import CONV_ATTR, KERNEL_ATTR
 
 __all__ = ["block_layout", "blocked_kernels"]
@@ -46,13 +50,6 @@ _BINARY = {"relax.add", "relax.multiply", "relax.subtract", "relax.divide", "rel
 _POOL = {"relax.nn.max_pool2d", "relax.nn.avg_pool2d"}
 #: pointwise convs between NCHW values stay NCHW (:meth:`_Blocker._nchw_pointwise`); False: blocked
 NCHW_EDGES = True
-
-
-def _conv_params(attrs: Any) -> dict[str, Any]:
-    conv = attrs[CONV_ATTR]
-    return {"stride": [int(v) for v in conv["stride"]], "padding": [int(v) for v in conv["padding"]],
-            "dilation": [int(v) for v in conv["dilation"]], "groups": int(conv["groups"]),
-            "act": str(conv["act"]), "negative_slope": float(conv["negative_slope"])}
 
 
 @mutator
@@ -372,38 +369,6 @@ class _Blocker(PyExprMutator):
                 m = self.builder_.emit(op.strided_slice(m, axes=[1], begin=[0], end=[channels]))
             return m
         return None
-
-
-def _global_pool(attrs: Any) -> bool:
-    """Whether an ``adaptive_avg_pool2d``'s attrs make it the global mean (NCHW, output 1x1)."""
-    size = [int(v) for v in attrs.output_size] if attrs.output_size is not None else []
-    return (str(attrs.layout) == "NCHW" and str(attrs.out_layout or "NCHW") == "NCHW"
-            and size in ([1], [1, 1]))
-
-
-def _pointwise(conv: dict[str, Any]) -> bool:
-    """Stride 1, no padding, no dilation (with a 1x1 kernel: a per-pixel matmul)."""
-    return (all(v == 1 for v in conv["stride"]) and not any(conv["padding"])
-            and all(v == 1 for v in conv["dilation"]))
-
-
-def _kernel_fed(func: relax.Function, mod: tvm.IRModule) -> frozenset:
-    """The variables of ``func`` that only dcgraph's kernels (``call_tir`` of a PrimFunc with
-    the kernel attribute) read: not returned, not read by any other op."""
-    readers: dict[relax.Var, bool] = {}
-
-    def note(expr: relax.Expr, by_kernel: bool) -> None:
-        for v in relax.analysis.free_vars(expr):
-            readers[v] = readers.get(v, True) and by_kernel
-
-    for block in func.body.blocks:
-        for b in block.bindings:
-            value = b.value
-            callee = value.args[0] if isinstance(value, relax.Call) and value.args else None
-            prim = mod[callee] if isinstance(callee, relax.GlobalVar) else None
-            note(value, isinstance(prim, tvm.tirx.PrimFunc) and KERNEL_ATTR in (prim.attrs or {}))
-    note(func.body.body, False)
-    return frozenset(v for v, only_kernels in readers.items() if only_kernels)
 
 
 def _stored(xb: relax.Expr) -> int:
