@@ -177,6 +177,7 @@ def test_cli_has_bench():
     assert parser.parse_args(["bench"]).level == "all"
 
 
+@pytest.mark.slow  # runs two benchmark commands in fresh processes: ~30 s
 def test_benchmark_commands_rerun_with_torchs_openmp_threads_passive(monkeypatch, tmp_path):
     """Spinning OpenMP workers would take the cores from the next row; the policy is read when
     torch loads, so the command re-runs itself with it set, once."""

@@ -179,6 +179,7 @@ def test_errors_are_clear(counter: ac.Counter, tmp_path: Path) -> None:
         ac.count([ac.Item("bad", "ort", str(bad), x)], counter)
 
 
+@pytest.mark.slow  # counts every knob point on the emulated CPU: ~45 s
 def test_tuning_on_instructions_applies_and_never_adds(counter: ac.Counter, tmp_path: Path) -> None:
     """``tune(..., cost="instructions")`` on a strided block: every knob point counted, the choice
     applied by ``compile``; the tuned build executes no more instructions than the default one
@@ -255,6 +256,7 @@ def test_hot_loop_is_the_innermost_dense_one() -> None:
     assert est["cycles_per_iteration"] >= 2 and 0 < est["fmas_per_cycle"] <= 1.0
 
 
+@pytest.mark.slow  # the suite's ARM level on one block: ~25 s
 def test_bench_arm_level_one_block(counter: ac.Counter) -> None:
     """``dcgraph bench arm`` on one small block: every row checked against the reference and counted,
     ratios to the floor (ORT's conv alone), the hot loop estimated."""

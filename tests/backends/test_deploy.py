@@ -237,6 +237,7 @@ def test_cpp_example_runs_the_library(bucketed, exported, tmp_path):
     assert relative_error(got, want) < 1e-6
 
 
+@pytest.mark.slow  # an emulated board start + an aarch64 build: ~60 s
 def test_dcgraph_run_on_the_emulated_arm_board(model, tmp_path, arm_remote):
     """An aarch64 library with buckets, run by `dcgraph run` under qemu with TVM's aarch64 runtime
     (no dcgraph or torch there), against eager PyTorch on this machine. ``arm_remote`` makes sure

@@ -165,6 +165,7 @@ def test_new_batch_sizes_are_built_once_each(counters):
     assert counters["builds"] == 3 and counters["graphs"] == 2
 
 
+@pytest.mark.slow  # one build per batch bucket: ~50 s
 def test_max_batch_builds_once_for_every_batch_size(counters):
     """A batch marked dynamic hands over one symbolic-batch graph; with ``max_batch`` it is built
     once, with buckets, and batches 3, 8, 5 and 2 all run on that build. (Batch 1 is a graph of its

@@ -107,6 +107,7 @@ def sample(task, ctx: ms.TuneContext, space: tvm.s_tir.Schedule, seed: int
     return sch, flagged
 
 
+@pytest.mark.slow  # builds and runs dozens of random candidates: ~50 s
 def test_random_candidates_are_flagged_whenever_wrong(tasks):
     """60 random candidates of the hoisted-mean kernel: every wrong one is flagged, and most
     flagged ones are wrong. The filter is conservative on purpose (bindings it cannot prove
