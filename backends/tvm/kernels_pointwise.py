@@ -14,10 +14,10 @@ convs between blocked tensors need; but a pointwise conv whose input *and* outpu
 and the one after an expanding conv moves its whole output (EfficientNet-B0's 40->240 1x1 at
 28 px, batch 8: 0.36 ms of a 2.0 ms block). :mod:`.layout` uses this kernel there.
 
-:func:`map_shift` is the hoisted shift of such a conv from the same ``(N, C_in, P)`` view: a
+:func:`map_shift` is the hoisted shift of such a conv, from its NCHW input as it is: a
 pointwise conv's map mean is ``W . mean_p(x)`` exactly (spec section 3, no borders to correct).
 
-Block names ``pointwise_conv``, ``epilogue``, ``map_sum``, ``shift`` are what
+Block names ``pointwise_conv``, ``epilogue``, ``map_sum``, ``map_mean``, ``shift`` are what
 :mod:`.schedules.cpu_pointwise` looks for.
 """
 
