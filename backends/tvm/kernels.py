@@ -161,6 +161,15 @@ def _tap_sum(t: te.Tensor, axis: int, size: int, k: int, s: int, p: int, d: int,
     return te.compute(shape, value, name=f"tap_sum{axis - 2}")
 
 
+def shift_value(mean: tirx.PrimExpr, c: tirx.PrimExpr, bias: te.Tensor | None, a: te.Tensor, g: te.Tensor,
+                b: te.Tensor) -> tirx.PrimExpr:
+    """Channel ``c``'s per-sample shift from its map mean ``m`` (of the conv without its bias):
+    ``b - g a m``, or with a conv bias ``c0``, ``b + g (c0 - a (m + c0))``."""
+    if bias is None:
+        return b[c] - g[c] * a[c] * mean
+    return b[c] + g[c] * (bias[c] - a[c] * (mean + bias[c]))
+
+
 def hoisted_shift(
     x: te.Tensor, w: te.Tensor, bias: te.Tensor | None, a: te.Tensor, g: te.Tensor, b: te.Tensor, *,
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
@@ -189,10 +198,7 @@ def hoisted_shift(
     scale = tirx.const(inv, x.dtype)
 
     def shift(n, c):
-        mean = m[n, c] * scale
-        if bias is None:
-            return b[c] - g[c] * a[c] * mean
-        return b[c] + g[c] * (bias[c] - a[c] * (mean + bias[c]))
+        return shift_value(m[n, c] * scale, c, bias, a, g, b)
 
     return te.compute([x.shape[0], c_out], shift, name="shift")
 

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 from tvm import te, tirx
 
-from .kernels import _tap_sum, activation, output_size
+from .kernels import _tap_sum, activation, output_size, shift_value
 
 __all__ = ["blocking", "channel_block", "conv", "deep_control", "depthwise", "depthwise_deep_control",
            "from_blocked", "hoisted_shift", "pack_depthwise", "pack_mean_weight", "pack_weight",
@@ -263,13 +263,7 @@ def hoisted_shift(xb: te.Tensor, wm: te.Tensor, bias: te.Tensor | None, a: te.Te
     m = te.compute((n, c_out), mean_value, name="blocked_mean")
     inv = tirx.const(1.0 / (out[0] * out[1]), xb.dtype)
 
-    def value(i, c):
-        mean = m[i, c] * inv
-        if bias is None:
-            return b[c] - g[c] * a[c] * mean
-        return b[c] + g[c] * (bias[c] - a[c] * (mean + bias[c]))
-
-    return te.compute((n, c_out), value, name="shift")
+    return te.compute((n, c_out), lambda i, c: shift_value(m[i, c] * inv, c, bias, a, g, b), name="shift")
 
 
 def deep_control(yb: te.Tensor, a: te.Tensor, g: te.Tensor, b: te.Tensor, act: str = "identity",

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from .kernels import activation
+from .kernels import activation, shift_value
 
 __all__ = ["map_shift", "pointwise"]
 
@@ -67,10 +67,4 @@ def map_shift(x: te.Tensor, w: te.Tensor, bias: te.Tensor | None, a: te.Tensor, 
     dot = te.compute((n, co), lambda i, c: te.sum(w[c, rk, 0, 0] * total[i, rk], axis=rk), name="map_mean")
     inv = tirx.const(1.0 / p, x.dtype)
 
-    def value(i, c):
-        mean = dot[i, c] * inv
-        if bias is None:
-            return b[c] - g[c] * a[c] * mean
-        return b[c] + g[c] * (bias[c] - a[c] * (mean + bias[c]))
-
-    return te.compute((n, co), value, name="shift")
+    return te.compute((n, co), lambda i, c: shift_value(dot[i, c] * inv, c, bias, a, g, b), name="shift")

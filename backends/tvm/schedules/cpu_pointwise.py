@@ -29,16 +29,11 @@ def schedule_pointwise(sch: Schedule, lanes: int = 16, knobs: Knobs = DEFAULTS) 
     """The pointwise conv (see the module docstring); False if the PrimFunc is not one, or its
     map is not a whole number of vectors."""
     blocks = _blocks(sch)
-    names = [sch.get(b).name_hint for b in blocks]
-    if "pointwise_conv" not in names:
+    if len(blocks) < 2 or sch.get(blocks[0]).name_hint != "pointwise_conv":
         return False
-    idx = names.index("pointwise_conv")
-    conv, consumers = blocks[idx], blocks[idx + 1:]
-    if idx != 0:
-        return False
-    for block in consumers[:-1]:  # elementwise stages after the epilogue (none from layout.py)
+    conv, out = blocks[0], blocks[-1]
+    for block in blocks[1:-1]:  # elementwise stages after the epilogue (none from layout.py)
         sch.compute_inline(block)
-    consumers = consumers[-1:]
     n, c, p, k = sch.get_loops(conv)
     size, channels = extent(sch, p), extent(sch, c)
     if size is None or channels is None or size % lanes:
@@ -51,13 +46,11 @@ def schedule_pointwise(sch: Schedule, lanes: int = 16, knobs: Knobs = DEFAULTS) 
     co, ci = sch.split(c, [None, oc_tile])
     po, pv, pl = sch.split(p, [None, reg_p, lanes])
     sch.reorder(n, po, co, k, ci, pv, pl)
-    out = consumers[-1] if consumers else sch.cache_write(conv, 0, TILE_SCOPE)
     if len(sch.get_loops(out)) == 4:  # the epilogue over the flat pixel index, like the conv
         width = extent(sch, sch.get_loops(out)[3])
         sch.transform_block_layout(out, lambda i, c, y, z: (i, c, y * width + z))
     sch.reverse_compute_at(out, co, preserve_unit_loops=True)
-    if consumers:
-        sch.set_scope(conv, 0, TILE_SCOPE)
+    sch.set_scope(conv, 0, TILE_SCOPE)
     parallel(sch, sch.fuse(n, po))
     sch.unroll(ci)
     sch.unroll(pv)
